@@ -1,0 +1,31 @@
+"""safe_norm: drop-in spectral normalisation for PyTorch that is valid from registration.
+
+Change one import::
+
+    from safe_norm import spectral_norm, remove_spectral_norm   # was: from torch.nn.utils import ...
+
+``safe_norm.spectral_norm`` is the function (never a module, unlike ``torch.nn.utils``).
+"""
+
+from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
+from ._spectral_norm import (
+    SpectralNorm,
+    SpectralNormLoadStateDictPreHook,
+    SpectralNormStateDictHook,
+    remove_spectral_norm,
+    spectral_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spectral_norm",
+    "remove_spectral_norm",
+    "SpectralNorm",
+    "SpectralNormLoadStateDictPreHook",
+    "SpectralNormStateDictHook",
+    "NotATensorError",
+    "WeightDtypeError",
+    "DimError",
+    "EmptyWeightError",
+]

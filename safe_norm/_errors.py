@@ -1,0 +1,88 @@
+"""Input checks with clear messages.
+
+Each error is raised where upstream would also fail, and its class derives from the exception
+type upstream raises there (so existing ``except`` clauses keep working) and from the type that
+names the mistake.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamSpectralNorm
+
+__all__ = [
+    "NotATensorError",
+    "WeightDtypeError",
+    "DimError",
+    "EmptyWeightError",
+    "check_weight",
+    "check_warmup_tol",
+]
+
+
+class NotATensorError(KeyError):
+    """``name`` is not a parameter of the module (upstream: ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class WeightDtypeError(TypeError, NotImplementedError):
+    """The weight is not floating point or complex (upstream: ``NotImplementedError``)."""
+
+
+class DimError(IndexError, RuntimeError):
+    """``dim`` does not index the weight (upstream: ``RuntimeError``/``IndexError``)."""
+
+
+class EmptyWeightError(ValueError, RuntimeError):
+    """The weight has no rows along ``dim`` (upstream: ``RuntimeError``)."""
+
+
+def _where(module: nn.Module, name: str) -> str:
+    return f"{type(module).__name__}.{name}"
+
+
+def check_weight(module: nn.Module, name: str, dim: int, n_power_iterations: int) -> None:
+    """Raise a clear error for a weight that upstream's registration would fail on obscurely.
+
+    The checks upstream makes itself (registered twice, ``n_power_iterations <= 0``, a ``None``
+    or uninitialised parameter) are left to it, in its order and with its messages.
+    """
+    if any(
+        isinstance(hook, _UpstreamSpectralNorm) and hook.name == name
+        for hook in module._forward_pre_hooks.values()
+    ) or n_power_iterations <= 0:
+        return
+    if name not in module._parameters:
+        kind = "a buffer" if name in module._buffers else "not a parameter"
+        raise NotATensorError(
+            f"spectral_norm: {_where(module, name)} is {kind}; expected the name of a parameter "
+            f"of {type(module).__name__}, one of {sorted(module._parameters)}"
+        )
+    weight = module._parameters[name]
+    if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
+        return
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise WeightDtypeError(
+            f"spectral_norm: {_where(module, name)} has dtype {weight.dtype}; expected a "
+            f"floating-point or complex tensor"
+        )
+    if weight.dim() == 0 or not 0 <= dim < weight.dim():
+        raise DimError(
+            f"spectral_norm: dim={dim} is out of range for {_where(module, name)} of shape "
+            f"{tuple(weight.shape)}; expected 0 <= dim < {max(weight.dim(), 1)}"
+            + (" (a 0-d weight cannot be normalised)" if weight.dim() == 0 else "")
+        )
+    if weight.size(dim) == 0:
+        raise EmptyWeightError(
+            f"spectral_norm: {_where(module, name)} of shape {tuple(weight.shape)} has no "
+            f"entries along dim={dim}"
+        )
+
+
+def check_warmup_tol(tol: float) -> None:
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and 0 < tol < 1):
+        raise ValueError(f"spectral_norm: warmup_tol must be in (0, 1) or None, got {tol!r}")

@@ -1,0 +1,168 @@
+"""The maths of spectral normalisation, on plain tensors (no modules, no hooks).
+
+Both public APIs are thin adapters over these functions, so a numerical change made here
+reaches both.  Conventions follow upstream: ``W`` is the weight viewed as a matrix with the
+output dimension first, ``u`` (length ``h``) and ``v`` (length ``w``) are the current estimates of
+its leading left and right singular vectors, and the invariant after every training step is
+``u = normalize(W v)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "weight_to_matrix",
+    "power_iteration_",
+    "sigma",
+    "warm_up_",
+    "WarmUp",
+    "MAX_WARMUP_STEPS",
+]
+
+#: Upper bound on the Lanczos steps of a warm-up (each costs about one power iteration).
+#: Default-initialised layers up to 4096x4096 need fewer than 60 for 1e-4.
+MAX_WARMUP_STEPS = 128
+
+#: The error bound below stands the second Ritz value in for sigma_2, which under-states the
+#: gap early on: measured on default-initialised conv layers, stopping at the bare bound once
+#: left 3.7x the asked error.  Stopping at a tenth of it left at most 7e-6 for 1e-4 over the
+#: test zoo, for a few more steps.
+_SAFETY = 0.1
+
+
+def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
+    """View ``weight`` as a matrix whose rows run along ``dim`` (upstream's reshaping)."""
+    if dim != 0:
+        weight = weight.permute(dim, *[d for d in range(weight.dim()) if d != dim])
+    return weight.reshape(weight.size(0), -1)
+
+
+@torch.no_grad()
+def power_iteration_(
+    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Run power iterations, updating ``u`` and ``v`` **in place**; return clones of them.
+
+    In place, because under ``DataParallel`` the buffers of the replica on the first device share
+    storage with the parallelised module's, and writing into them is the only way the update
+    survives.  Clones are returned because the caller builds the autograd graph on them: a second
+    forward (``D(real) - D(fake)``) overwrites the buffers before the first one's backward runs.
+    """
+    for _ in range(n_power_iterations):
+        # out= keeps the storage; .mH makes the step correct for complex weights too
+        # (it is the plain transpose for real ones).
+        v = F.normalize(torch.mv(W.mH, u), dim=0, eps=eps, out=v)
+        u = F.normalize(torch.mv(W, v), dim=0, eps=eps, out=u)
+    return u.clone(memory_format=torch.contiguous_format), v.clone(
+        memory_format=torch.contiguous_format
+    )
+
+
+def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """The spectral-norm estimate ``uᴴ W v`` (differentiable in ``W``)."""
+    return torch.vdot(u, torch.mv(W, v))
+
+
+class WarmUp(NamedTuple):
+    """What a warm-up did: Lanczos ``steps`` and the estimated relative error of sigma."""
+
+    steps: int
+    error_estimate: float
+
+
+@torch.no_grad()
+def warm_up_(
+    W: Tensor, u: Tensor, v: Tensor, *, eps: float, tol: float, max_steps: int = MAX_WARMUP_STEPS
+) -> WarmUp:
+    """Converge ``u`` and ``v`` in place so that ``uᴴ W v`` is within ``tol`` of ``σ₁(W)``.
+
+    Plain power iteration converges like ``(σ₂/σ₁)^k``, and on default-initialised layers
+    ``σ₂/σ₁`` is 0.99 or more, so it would take hundreds of iterations.  Golub–Kahan–Lanczos
+    bidiagonalisation started from the same ``v`` builds the same Krylov space but extracts the
+    best vector in it, and reaches 1e-4 in a few dozen steps (each costs one product with ``W``
+    and one with ``Wᴴ``).  Full re-orthogonalisation keeps it stable in float32; half types are
+    worked on in float32.  Afterwards the invariant ``u = normalize(W v)`` holds, as after an
+    upstream training step, and the vectors keep their dtype.  No random numbers are drawn.
+
+    If ``W v`` is zero or not finite (an all-zero weight, for instance) ``u`` and ``v`` are left
+    as they were: they never become zero or NaN here.
+    """
+    # Bidiagonalise from the smaller side: its Krylov space is exhausted after min(h, w) steps,
+    # which makes the result exact for thin layers (a 6x36 conv, a 20x256 linear).
+    transposed = W.size(1) > W.size(0)
+    A = (W.mH if transposed else W).detach().to(torch.promote_types(W.dtype, torch.float32))
+    h, w = A.shape
+    k_max = min(w, max_steps)
+    if k_max == 0:
+        return WarmUp(0, 0.0)
+    Vs = A.new_zeros(k_max, w)  # right Lanczos vectors of A, as rows
+    Us = A.new_zeros(k_max, h)  # left Lanczos vectors of A, as rows
+    alphas: list[float] = []
+    betas: list[float] = []
+    start = (u if transposed else v).to(A.dtype)
+    if not (start.norm() > 0):
+        return WarmUp(0, math.inf)
+    Vs[0] = start / start.norm()
+    best: tuple[int, Tensor, float] | None = None
+    for j in range(k_max):
+        p = torch.mv(A, Vs[j])
+        if j:
+            p -= betas[-1] * Us[j - 1]
+            _orthogonalise_(p, Us[:j])
+        alpha = p.norm().item()
+        if not (alpha > 0 and math.isfinite(alpha)):
+            break  # a zero product on the first step, or an exhausted Krylov space later
+        Us[j] = p / alpha
+        alphas.append(alpha)
+        q = torch.mv(A.mH, Us[j]) - alpha * Vs[j]
+        _orthogonalise_(q, Vs[: j + 1])
+        beta = q.norm().item()
+        betas.append(beta)
+        top, error = _top_ritz_pair(alphas, betas)
+        best = (j + 1, top, error)
+        if error <= tol * _SAFETY or j + 1 == k_max:
+            break
+        Vs[j + 1] = q / beta
+    if best is None:
+        return WarmUp(0, math.inf)
+    k, top, error = best
+    new_v = top.to(A.dtype) @ Vs[:k]  # A's top right singular vector
+    if transposed:  # that was W's left one: map it to the right
+        new_v = torch.mv(A, new_v)
+    if not torch.isfinite(new_v).all():
+        return WarmUp(k, math.inf)
+    v.copy_(F.normalize(new_v, dim=0, eps=eps))
+    u.copy_(F.normalize(torch.mv(W, v), dim=0, eps=eps))
+    return WarmUp(k, error)
+
+
+def _orthogonalise_(x: Tensor, basis: Tensor) -> None:
+    # Classical Gram-Schmidt applied twice ("twice is enough", Kahan/Parlett).
+    for _ in range(2):
+        x -= (basis.conj() @ x) @ basis
+
+
+def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[Tensor, float]:
+    """Top right singular vector of the bidiagonal ``B`` and the relative error bound of its σ.
+
+    With ``W V = U B`` and ``Wᴴ U = V Bᵀ + β_k v_{k+1} e_kᵀ``, the Ritz pair ``(σ̃, ṽ = V q)``
+    has residual ``r = β_k |p_k|`` (``p`` the left singular vector of ``B``).  The eigenvalue
+    bound on ``WᴴW`` gives ``(σ₁ - σ̃)/σ̃ ≲ r² / (2(σ̃² - σ̃₂²))``, with the second Ritz value
+    standing in for ``σ₂``; ``r/σ̃`` bounds it too.
+    """
+    k = len(alphas)
+    B = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        B += torch.diag(torch.tensor(betas[: k - 1], dtype=torch.float64), 1)
+    P, S, Qh = torch.linalg.svd(B)
+    s1 = S[0].item()
+    r = betas[-1] * abs(P[-1, 0].item())
+    gap = s1 * s1 - (S[1].item() ** 2 if k > 1 else 0.0)
+    error = min(r / s1, 0.5 * r * r / gap if gap > 0 else math.inf)
+    return Qh[0], error

@@ -1,0 +1,171 @@
+"""Hook API: drop-in for ``torch.nn.utils.spectral_norm`` / ``remove_spectral_norm``.
+
+Private module name on purpose: in torch, ``torch.nn.utils.spectral_norm`` is both a module and
+the function that shadows it.  Here ``safe_norm.spectral_norm`` is only ever the function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TypeVar, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import (
+    SpectralNorm as _UpstreamSpectralNorm,
+    SpectralNormLoadStateDictPreHook,
+    SpectralNormStateDictHook,
+    remove_spectral_norm as _upstream_remove_spectral_norm,
+)
+
+from . import _power
+from ._errors import check_weight, check_warmup_tol
+
+__all__ = [
+    "SpectralNorm",
+    "SpectralNormLoadStateDictPreHook",
+    "SpectralNormStateDictHook",
+    "spectral_norm",
+    "remove_spectral_norm",
+]
+
+T_module = TypeVar("T_module", bound=nn.Module)
+
+DEFAULT_WARMUP_TOL = 1e-4
+
+
+class SpectralNorm(_UpstreamSpectralNorm):
+    """Upstream's forward pre-hook with the maths from :mod:`safe_norm._power`.
+
+    A subclass, so that ``isinstance`` checks in users' code and upstream's own
+    ``torch.nn.utils.remove_spectral_norm`` keep working on safe_norm modules.  The state-dict
+    hooks are upstream's classes unchanged: the checkpoint format is upstream's.
+    """
+
+    def reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
+        return _power.weight_to_matrix(weight, self.dim)
+
+    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        W = self.reshape_weight_to_matrix(weight)
+        if do_power_iteration:
+            u, v = _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
+        return weight / _power.sigma(W, u, v)
+
+    @staticmethod
+    def apply(  # type: ignore[override]
+        module: nn.Module,
+        name: str,
+        n_power_iterations: int,
+        dim: int,
+        eps: float,
+        warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+    ) -> SpectralNorm:
+        check_weight(module, name, dim, n_power_iterations)
+        # Upstream's registration verbatim: its checks and exception types, parameter and buffer
+        # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
+        # script builds the same model).  It hard-codes its own class, so re-class the hook.
+        fn = _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+        fn.__class__ = SpectralNorm
+        ours = cast(SpectralNorm, fn)
+        if warmup_tol is not None:
+            ours.warm_up(module, warmup_tol)
+        return ours
+
+    def warm_up(self, module: nn.Module, tol: float = DEFAULT_WARMUP_TOL) -> _power.WarmUp:
+        """Converge ``<name>_u`` and ``<name>_v`` in place for the current weight."""
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        result = _power.warm_up_(self.reshape_weight_to_matrix(weight), u, v, eps=self.eps, tol=tol)
+        if result.error_estimate > tol and result.steps > 0:
+            warnings.warn(
+                f"spectral_norm warm-up of {type(module).__name__}.{self.name} "
+                f"{tuple(weight.shape)} stopped after {result.steps} steps with an estimated "
+                f"relative sigma error of {result.error_estimate:.1e} (asked: {tol:.0e})",
+                stacklevel=4,
+            )
+        return result
+
+
+def spectral_norm(
+    module: T_module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    *,
+    warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+) -> T_module:
+    r"""Apply spectral normalisation to a parameter of ``module``; a drop-in for
+    :func:`torch.nn.utils.spectral_norm`.
+
+    .. math:: \mathbf{W}_{SN} = \mathbf{W} / \sigma(\mathbf{W})
+
+    Same arguments, names (``<name>_orig``, ``<name>_u``, ``<name>_v``), state-dict format,
+    exceptions and random draws as upstream.  The difference: ``u`` and ``v`` are converged at
+    registration (Golub–Kahan–Lanczos warm-up), so sigma is right before the first forward, in
+    ``train()`` or ``eval()``; upstream leaves them random until the first training forward.
+
+    Args:
+        module: containing module.
+        name: name of the weight parameter.
+        n_power_iterations: power iterations per training forward (as upstream).
+        eps: epsilon for numerical stability in calculating norms.
+        dim: dimension corresponding to the outputs; default ``0``, except ``1`` for
+            ``ConvTranspose{1,2,3}d``.
+        warmup_tol: relative sigma accuracy the warm-up aims for at registration; ``None``
+            skips the warm-up and gives upstream's state exactly.
+
+    Returns:
+        The original module, with the spectral-norm hook.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from safe_norm import spectral_norm
+        >>> m = spectral_norm(nn.Linear(20, 40)).eval()
+        >>> m.weight_u.size()
+        torch.Size([40])
+        >>> W = m.weight_orig.detach()
+        >>> sigma = torch.dot(m.weight_u, W @ m.weight_v)
+        >>> exact = torch.linalg.matrix_norm(W.double(), 2)
+        >>> bool(abs(sigma - exact) / exact < 1e-4)
+        True
+    """
+    if warmup_tol is not None:
+        check_warmup_tol(warmup_tol)
+    if dim is None:
+        convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        dim = 1 if isinstance(module, convt) else 0
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol)
+    return module
+
+
+def remove_spectral_norm(module: T_module, name: str = "weight") -> T_module:
+    """Remove spectral normalisation (safe_norm's or upstream's) from ``module``.
+
+    Leaves a plain ``Parameter`` ``<name>`` equal to the normalised weight, as upstream does.
+    Unlike upstream (torch 2.13), it also removes the load-state-dict hook, so the plain module
+    loads a plain ``state_dict`` with ``strict=True`` afterwards.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from safe_norm import spectral_norm, remove_spectral_norm
+        >>> m = remove_spectral_norm(spectral_norm(nn.Linear(40, 10)))
+        >>> sorted(m.state_dict())
+        ['bias', 'weight']
+        >>> _ = m.load_state_dict(nn.Linear(40, 10).state_dict())
+    """
+    _upstream_remove_spectral_norm(module, name)
+    # Upstream looks for its hook class among the load pre-hooks, but torch stores them
+    # wrapped in _WrappedHook, so upstream never finds it; unwrap and remove it here.
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        inner = getattr(hook, "hook", hook)
+        if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn.name == name:
+            del module._load_state_dict_pre_hooks[key]
+    return module
