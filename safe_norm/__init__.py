@@ -3,10 +3,12 @@
 Change one import::
 
     from safe_norm import spectral_norm, remove_spectral_norm   # was: from torch.nn.utils import ...
+    from safe_norm.parametrizations import spectral_norm        # was: torch.nn.utils.parametrizations
 
 ``safe_norm.spectral_norm`` is the function (never a module, unlike ``torch.nn.utils``).
 """
 
+from . import parametrizations
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
 from ._spectral_norm import (
     SpectralNorm,
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "spectral_norm",
     "remove_spectral_norm",
+    "parametrizations",
     "SpectralNorm",
     "SpectralNormLoadStateDictPreHook",
     "SpectralNormStateDictHook",

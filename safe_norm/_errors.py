@@ -8,9 +8,12 @@ names the mistake.
 from __future__ import annotations
 
 import math
+import warnings
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamSpectralNorm
+
+from ._power import WarmUp
 
 __all__ = [
     "NotATensorError",
@@ -18,7 +21,9 @@ __all__ = [
     "DimError",
     "EmptyWeightError",
     "check_weight",
+    "check_dtype",
     "check_warmup_tol",
+    "warn_if_short",
 ]
 
 
@@ -65,11 +70,7 @@ def check_weight(module: nn.Module, name: str, dim: int, n_power_iterations: int
     weight = module._parameters[name]
     if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
         return
-    if not (weight.is_floating_point() or weight.is_complex()):
-        raise WeightDtypeError(
-            f"spectral_norm: {_where(module, name)} has dtype {weight.dtype}; expected a "
-            f"floating-point or complex tensor"
-        )
+    check_dtype(module, name, weight)
     if weight.dim() == 0 or not 0 <= dim < weight.dim():
         raise DimError(
             f"spectral_norm: dim={dim} is out of range for {_where(module, name)} of shape "
@@ -80,6 +81,24 @@ def check_weight(module: nn.Module, name: str, dim: int, n_power_iterations: int
         raise EmptyWeightError(
             f"spectral_norm: {_where(module, name)} of shape {tuple(weight.shape)} has no "
             f"entries along dim={dim}"
+        )
+
+
+def check_dtype(module: nn.Module, name: str, weight: Tensor) -> None:
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise WeightDtypeError(
+            f"spectral_norm: {_where(module, name)} has dtype {weight.dtype}; expected a "
+            f"floating-point or complex tensor"
+        )
+
+
+def warn_if_short(result: WarmUp, tol: float, what: str) -> None:
+    """Say so when a warm-up stopped at its step bound before reaching ``tol``."""
+    if result.error_estimate > tol and result.steps > 0:
+        warnings.warn(
+            f"spectral_norm warm-up of {what} stopped after {result.steps} steps with an "
+            f"estimated relative sigma error of {result.error_estimate:.1e} (asked: {tol:.0e})",
+            stacklevel=3,
         )
 
 

@@ -44,24 +44,22 @@ def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
 
 
 @torch.no_grad()
-def power_iteration_(
-    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Run power iterations, updating ``u`` and ``v`` **in place**; return clones of them.
+def power_iteration_(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float) -> None:
+    """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)``, **in place**.
 
     In place, because under ``DataParallel`` the buffers of the replica on the first device share
     storage with the parallelised module's, and writing into them is the only way the update
-    survives.  Clones are returned because the caller builds the autograd graph on them: a second
-    forward (``D(real) - D(fake)``) overwrites the buffers before the first one's backward runs.
+    survives.  Callers that build a graph on ``u``, ``v`` must use clones: a second forward
+    (``D(real) - D(fake)``) overwrites the buffers before the first one's backward runs.
+
+    For the opposite order (``u`` first, as upstream's parametrization does), pass ``Wᴴ`` and
+    swap the vectors.
     """
     for _ in range(n_power_iterations):
         # out= keeps the storage; .mH makes the step correct for complex weights too
         # (it is the plain transpose for real ones).
-        v = F.normalize(torch.mv(W.mH, u), dim=0, eps=eps, out=v)
-        u = F.normalize(torch.mv(W, v), dim=0, eps=eps, out=u)
-    return u.clone(memory_format=torch.contiguous_format), v.clone(
-        memory_format=torch.contiguous_format
-    )
+        F.normalize(torch.mv(W.mH, u), dim=0, eps=eps, out=v)
+        F.normalize(torch.mv(W, v), dim=0, eps=eps, out=u)
 
 
 def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:

@@ -6,7 +6,6 @@ the function that shadows it.  Here ``safe_norm.spectral_norm`` is only ever the
 
 from __future__ import annotations
 
-import warnings
 from typing import TypeVar, cast
 
 import torch
@@ -19,7 +18,7 @@ from torch.nn.utils.spectral_norm import (
 )
 
 from . import _power
-from ._errors import check_weight, check_warmup_tol
+from ._errors import check_warmup_tol, check_weight, warn_if_short
 
 __all__ = [
     "SpectralNorm",
@@ -51,7 +50,10 @@ class SpectralNorm(_UpstreamSpectralNorm):
         v = getattr(module, self.name + "_v")
         W = self.reshape_weight_to_matrix(weight)
         if do_power_iteration:
-            u, v = _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
+            _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
+            # see power_iteration_ on why the graph is built on clones
+            u = u.clone(memory_format=torch.contiguous_format)
+            v = v.clone(memory_format=torch.contiguous_format)
         return weight / _power.sigma(W, u, v)
 
     @staticmethod
@@ -80,13 +82,7 @@ class SpectralNorm(_UpstreamSpectralNorm):
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         result = _power.warm_up_(self.reshape_weight_to_matrix(weight), u, v, eps=self.eps, tol=tol)
-        if result.error_estimate > tol and result.steps > 0:
-            warnings.warn(
-                f"spectral_norm warm-up of {type(module).__name__}.{self.name} "
-                f"{tuple(weight.shape)} stopped after {result.steps} steps with an estimated "
-                f"relative sigma error of {result.error_estimate:.1e} (asked: {tol:.0e})",
-                stacklevel=4,
-            )
+        warn_if_short(result, tol, f"{type(module).__name__}.{self.name} {tuple(weight.shape)}")
         return result
 
 

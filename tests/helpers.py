@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -35,10 +36,32 @@ def exact_sigma(weight: torch.Tensor, dim: int = 0) -> float:
     return torch.linalg.matrix_norm(W, 2).item()
 
 
+@functools.lru_cache(maxsize=None)
+def zoo_exact_sigma(layer: str, seed: int) -> tuple[float, float]:
+    """(exact_sigma, checksum) of the zoo layer built right after ``torch.manual_seed(seed)``.
+
+    Cached: the 4096x4096 SVD takes tens of seconds and both API test files need it.  The
+    checksum (sum of the weight) lets a test confirm that it holds the same weight."""
+    factory, dim = {**ZOO, **BIG}[layer]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    weight = factory().weight
+    torch.random.set_rng_state(state)
+    return exact_sigma(weight, dim), weight.detach().double().sum().item()
+
+
+def sn_state(module: nn.Module, name: str = "weight"):
+    """(original weight, u, v) of either API's spectral norm on ``module.<name>``."""
+    if hasattr(module, "parametrizations"):
+        plist = module.parametrizations[name]
+        return plist.original.detach(), plist[0]._u, plist[0]._v
+    return getattr(module, name + "_orig").detach(), getattr(module, name + "_u"), getattr(module, name + "_v")
+
+
 def used_sigma(module: nn.Module, name: str = "weight", dim: int = 0) -> float:
-    """The sigma a hook-API eval forward divides by now: uᵀ W v from the module's state."""
-    W = _power.weight_to_matrix(getattr(module, name + "_orig").detach(), dim)
-    u, v = getattr(module, name + "_u"), getattr(module, name + "_v")
+    """The sigma an eval forward divides by now: uᴴ W v from the module's state (either API)."""
+    weight, u, v = sn_state(module, name)
+    W = _power.weight_to_matrix(weight, dim)
     return _power.sigma(W.double(), u.double(), v.double()).real.item()
 
 
@@ -46,9 +69,9 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def twin(module: nn.Module, ours, **kwargs):
-    """(upstream-normalised copy, safe_norm-normalised copy) with identical u, v."""
-    up = upstream_spectral_norm(copy.deepcopy(module), **kwargs)
+def twin(module: nn.Module, ours, theirs=upstream_spectral_norm, **kwargs):
+    """(upstream-normalised copy, safe_norm-normalised copy) with identical state, u and v too."""
+    up = theirs(copy.deepcopy(module), **kwargs)
     sn = ours(copy.deepcopy(module), **kwargs)
     with torch.no_grad():
         for key, value in up.state_dict().items():
@@ -62,5 +85,23 @@ def example_input(module: nn.Module) -> torch.Tensor:
         return torch.arange(min(4, module.num_embeddings))
     if isinstance(module, nn.Linear):
         return torch.randn(3, module.in_features)
-    spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose2d: 2}[type(module)]
+    spatial = len(module.kernel_size)
     return torch.randn(1, module.in_channels, *([6] * spatial))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Max-abs difference within ``rtol`` of ``b``'s scale (plus one float32 ulp of 1)."""
+    scale = b.abs().max().item() + torch.finfo(torch.float32).eps
+    return (a - b).abs().max().item() <= rtol * scale
+
+
+def trained(sn_fn, seed: int = 0) -> nn.Sequential:
+    """A small net (Linear + ConvTranspose1d, dims 0 and 1) after three SGD steps, in eval."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(sn_fn(nn.Linear(6, 8)), nn.ReLU(), sn_fn(nn.ConvTranspose1d(8, 4, 1)))
+    net[2].register_forward_pre_hook(lambda m, a: (a[0].unsqueeze(-1),))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        net(torch.randn(5, 6)).square().mean().backward()
+        opt.step(), opt.zero_grad()
+    return net.eval()
