@@ -1,0 +1,30 @@
+"""The examples run and show what they claim."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(script: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / script)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_bug_repro_shows_upstream_wrong_and_safe_norm_right_in_both_apis():
+    out = _run("examples/bug_repro.py")
+    errors = dict(re.findall(r"^\s+(upstream hook|upstream param\.|safe_norm hook|safe_norm param\.): (\S+)$", out, flags=re.M))
+    assert len(errors) == 4, out
+    assert float(errors["upstream hook"]) > 1.0, out
+    assert float(errors["upstream param."]) > 1e-3, out
+    assert float(errors["safe_norm hook"]) < 1e-4 and float(errors["safe_norm param."]) < 1e-4, out
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d", line)]
+    assert len(rows) == 3, out
+    for _, _, up_hook, _, ours_hook, ours_param in rows:
+        assert abs(float(up_hook)) > 0.5, out
+        assert abs(float(ours_hook)) < 1e-4 and abs(float(ours_param)) < 1e-4, out
