@@ -1,0 +1,47 @@
+"""The same guarantees on a CUDA device; skipped where there is none (CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations as up_param
+from torch.nn.utils import spectral_norm as up_hook
+
+import safe_norm
+import safe_norm.parametrizations as sn_param
+
+from .helpers import close, exact_sigma, rel, twin, used_sigma
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+APIS = {
+    "hook": (safe_norm.spectral_norm, up_hook),
+    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
+}
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("factory", [lambda: nn.Linear(1024, 1024), lambda: nn.Conv2d(128, 256, 3)])
+def test_valid_at_registration_on_cuda(api, factory):
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(factory().cuda()).eval()
+    assert m(torch.randn(2, *((1024,) if isinstance(m, nn.Linear) else (128, 8, 8)), device="cuda")).is_cuda
+    weight = m.weight_orig if api == "hook" else m.parametrizations.weight.original
+    assert rel(used_sigma(m), exact_sigma(weight.cpu())) < 1e-4
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_training_on_cuda_equals_upstream(api):
+    ours, theirs = APIS[api]
+    torch.manual_seed(0)
+    up, sn = twin(nn.Linear(64, 32).cuda(), ours, theirs)
+    for net in (up, sn):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(3):
+            torch.manual_seed(step)
+            net(torch.randn(8, 64, device="cuda")).square().mean().backward()
+            opt.step(), opt.zero_grad()
+    for (name, a), b in zip(up.state_dict().items(), sn.state_dict().values(), strict=True):
+        assert close(b, a), name
