@@ -6,7 +6,7 @@ the function that shadows it.  Here ``safe_norm.spectral_norm`` is only ever the
 
 from __future__ import annotations
 
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from torch.nn.utils.spectral_norm import (
 
 from . import _power
 from ._errors import check_warmup_tol, check_weight, warn_if_short
+from ._fresh import Freshness
 
 __all__ = [
     "SpectralNorm",
@@ -38,8 +39,22 @@ class SpectralNorm(_UpstreamSpectralNorm):
 
     A subclass, so that ``isinstance`` checks in users' code and upstream's own
     ``torch.nn.utils.remove_spectral_norm`` keep working on safe_norm modules.  The state-dict
-    hooks are upstream's classes unchanged: the checkpoint format is upstream's.
+    format is upstream's.
     """
+
+    # None: upstream's behaviour (warmup_tol=None), no staleness checks.
+    _fresh: Freshness | None = None
+    _warmup_tol: float = DEFAULT_WARMUP_TOL
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        fresh = self._fresh
+        if (
+            fresh is not None
+            and fresh.watching
+            and fresh.needs_warm_up(getattr(module, self.name + "_orig"), module.training)
+        ):
+            self.warm_up(module, self._warmup_tol)
+        super().__call__(module, inputs)
 
     def reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
         return _power.weight_to_matrix(weight, self.dim)
@@ -72,7 +87,18 @@ class SpectralNorm(_UpstreamSpectralNorm):
         fn = _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps)
         fn.__class__ = SpectralNorm
         ours = cast(SpectralNorm, fn)
+        for hook in module._load_state_dict_pre_hooks.values():
+            inner = getattr(hook, "hook", hook)  # torch wraps it in _WrappedHook
+            if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn is fn:
+                inner.__class__ = _LoadPreHook
         if warmup_tol is not None:
+            ours._warmup_tol = warmup_tol
+            ours._fresh = Freshness(armed=True)
+            # Upstream sets `module.<name> = weight.data`, whose in-place changes (a user's
+            # nn.init after registration) reach the parameter but not its version counter;
+            # a detached alias shares both, so such a change is seen.
+            weight = getattr(module, name + "_orig")
+            setattr(module, name, weight.detach())
             ours.warm_up(module, warmup_tol)
         return ours
 
@@ -82,8 +108,20 @@ class SpectralNorm(_UpstreamSpectralNorm):
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         result = _power.warm_up_(self.reshape_weight_to_matrix(weight), u, v, eps=self.eps, tol=tol)
+        if self._fresh is not None:
+            self._fresh.converged(weight)
         warn_if_short(result, tol, f"{type(module).__name__}.{self.name} {tuple(weight.shape)}")
         return result
+
+
+class _LoadPreHook(SpectralNormLoadStateDictPreHook):
+    """Upstream's load hook (old-format conversion), and: a load is not a weight change."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        super().__call__(*args, **kwargs)
+        fresh = getattr(self.fn, "_fresh", None)
+        if fresh is not None:
+            fresh.adopt()
 
 
 def spectral_norm(

@@ -15,6 +15,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNo
 
 from . import _power
 from ._errors import check_dtype, check_warmup_tol, warn_if_short
+from ._fresh import Freshness
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
 __all__ = ["spectral_norm"]
@@ -24,7 +25,8 @@ _UPSTREAM_WARMUP_ITERATIONS = 15
 
 
 class _SpectralNorm(_UpstreamSpectralNorm):
-    """Upstream's parametrization with a warm-up to tolerance instead of 15 fixed iterations.
+    """Upstream's parametrization with a warm-up to tolerance instead of 15 fixed iterations,
+    re-run whenever the weight changes outside training (:mod:`safe_norm._fresh`).
 
     A subclass (same name, so the module prints as upstream's) so that ``isinstance`` checks
     and upstream's ``forward`` keep working.  Upstream's power step runs ``u`` first, then
@@ -69,26 +71,46 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             if warmup_tol is None:
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
-            # Otherwise the warm-up runs in right_inverse, which register_parametrization
-            # calls with this very weight: doing it here as well would do it twice.
+        # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
+        self._fresh = None if warmup_tol is None or ndim <= 1 else Freshness(force=True)
+        self.register_load_state_dict_pre_hook(_adopt_on_load)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        fresh = self._fresh
+        if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, self.training):
+            self.warm_up(weight)
+        return super().forward(weight)
+
+    def warm_up(self, weight: Tensor) -> _power.WarmUp:
+        """Converge ``_u``, ``_v`` in place for ``weight``."""
+        tol = DEFAULT_WARMUP_TOL if self.warmup_tol is None else self.warmup_tol
+        with torch.no_grad():
+            W = self._reshape_weight_to_matrix(weight)
+            result = _power.warm_up_(W.mH, self._v, self._u, eps=self.eps, tol=tol)
+        if self._fresh is not None:
+            self._fresh.converged(weight)
+        warn_if_short(result, tol, f"a {tuple(weight.shape)} weight")
+        return result
 
     @torch.no_grad()
     def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
         _power.power_iteration_(weight_mat.mH, self._v, self._u, n_power_iterations, self.eps)
 
     def right_inverse(self, value: Tensor) -> Tensor:
-        """Identity, as upstream; and converge ``u``, ``v`` for ``value``.
+        """Identity, as upstream; and ``u``, ``v`` are re-converged for ``value``.
 
-        parametrize calls this with every new value of the original tensor — at registration
-        and on ``module.weight = X`` — so the next forward, train or eval, divides by a sigma
-        valid for it (upstream keeps the vectors of the previous weight).
+        parametrize calls this on ``module.weight = X``: the next forward, train or eval,
+        divides by a sigma valid for ``X`` (upstream keeps the previous weight's vectors).
         """
-        if value.ndim > 1 and self.warmup_tol is not None:
-            with torch.no_grad():
-                W = self._reshape_weight_to_matrix(value)
-                result = _power.warm_up_(W.mH, self._v, self._u, eps=self.eps, tol=self.warmup_tol)
-            warn_if_short(result, self.warmup_tol, f"a {tuple(value.shape)} weight")
+        if self._fresh is not None:
+            self._fresh.force()
         return value
+
+
+def _adopt_on_load(module: _SpectralNorm, *args: object) -> None:
+    # A load is not a weight change: the checkpoint's u, v belong to its weight.
+    if module._fresh is not None:
+        module._fresh.adopt()
 
 
 def spectral_norm(
@@ -146,7 +168,8 @@ def spectral_norm(
     if dim is None:
         convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, convt) else 0
-    parametrize.register_parametrization(
-        module, name, _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
-    )
+    sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
+    parametrize.register_parametrization(module, name, sn)
+    if sn._fresh is not None:
+        sn._fresh.arm()  # registration's own forward does not count as training
     return module

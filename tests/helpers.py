@@ -73,9 +73,7 @@ def twin(module: nn.Module, ours, theirs=upstream_spectral_norm, **kwargs):
     """(upstream-normalised copy, safe_norm-normalised copy) with identical state, u and v too."""
     up = theirs(copy.deepcopy(module), **kwargs)
     sn = ours(copy.deepcopy(module), **kwargs)
-    with torch.no_grad():
-        for key, value in up.state_dict().items():
-            sn.state_dict()[key].copy_(value)
+    sn.load_state_dict(up.state_dict(), strict=True)  # a load: u, v are kept as loaded
     return up, sn
 
 

@@ -177,7 +177,15 @@ def test_cached_and_functional_call_match_upstream():
         assert torch.equal(ours(x), up(x)) and torch.equal(ours(x), ours(x))
     W2 = torch.randn(4, 6)
     key = "parametrizations.weight.original"
-    assert torch.equal(functional_call(ours, {key: W2}, (x,)), functional_call(up, {key: W2}, (x,)))
+    exact = F.linear(x.double(), W2.double() / torch.linalg.matrix_norm(W2.double(), 2), ours.bias.double())
+    with torch.no_grad():
+        out = functional_call(ours, {key: W2}, (x,))
+        # never stale: another weight gets its own sigma (upstream divides by the old one's)
+        assert torch.allclose(out.double(), exact, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(functional_call(up, {key: W2}, (x,)).double(), exact, rtol=1e-2)
+        W = ours.parametrizations.weight.original.double()  # and back to its own weight:
+        own = F.linear(x.double(), W / torch.linalg.matrix_norm(W, 2), ours.bias.double())
+        assert torch.allclose(ours(x).double(), own, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
