@@ -10,6 +10,7 @@ Change one import::
 
 from . import parametrizations
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
+from ._lazy import initialize_now
 from ._spectral_norm import (
     SpectralNorm,
     SpectralNormLoadStateDictPreHook,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "spectral_norm",
     "remove_spectral_norm",
+    "initialize_now",
     "parametrizations",
     "SpectralNorm",
     "SpectralNormLoadStateDictPreHook",

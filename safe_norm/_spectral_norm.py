@@ -6,6 +6,7 @@ the function that shadows it.  Here ``safe_norm.spectral_norm`` is only ever the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import torch
@@ -20,6 +21,7 @@ from torch.nn.utils.spectral_norm import (
 from . import _power
 from ._errors import check_warmup_tol, check_weight, warn_if_short
 from ._fresh import Freshness
+from ._lazy import Pending, pending_on
 
 __all__ = [
     "SpectralNorm",
@@ -143,6 +145,10 @@ def spectral_norm(
     registration (Golub–Kahan–Lanczos warm-up), so sigma is right before the first forward, in
     ``train()`` or ``eval()``; upstream leaves them random until the first training forward.
 
+    On a lazy module (``nn.LazyLinear``, ...) the registration is recorded and completed as soon
+    as the parameter exists: at the first forward (which already uses the normalised weight),
+    at ``load_state_dict`` of a normalised checkpoint, or at :func:`safe_norm.initialize_now`.
+
     Args:
         module: containing module.
         name: name of the weight parameter.
@@ -175,8 +181,30 @@ def spectral_norm(
     if dim is None:
         convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, convt) else 0
+    if isinstance(module._parameters.get(name), nn.parameter.UninitializedParameter):
+        SpectralNorm(name, n_power_iterations, dim, eps)  # upstream's argument checks, now
+        if pending_on(module, "hook", name):
+            raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
+        register = partial(SpectralNorm.apply, name=name, n_power_iterations=n_power_iterations,
+                           dim=dim, eps=eps, warmup_tol=warmup_tol)
+        keys = partial(_checkpoint_keys, name=name)
+        Pending("hook", name, register, keys, partial(_restore, name=name)).install(module)
+        return module
     SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol)
     return module
+
+
+def _checkpoint_keys(prefix: str, name: str) -> tuple[str, str, str]:
+    return prefix + name + "_orig", prefix + name + "_u", prefix + name + "_v"
+
+
+def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
+    with torch.no_grad():
+        getattr(module, name + "_u").copy_(u)
+        getattr(module, name + "_v").copy_(v)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm) and hook.name == name and hook._fresh is not None:
+            hook._fresh.adopt()
 
 
 def remove_spectral_norm(module: T_module, name: str = "weight") -> T_module:

@@ -7,15 +7,20 @@ Usage::
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
 from . import _power
 from ._errors import check_dtype, check_warmup_tol, warn_if_short
 from ._fresh import Freshness
+from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
 __all__ = ["spectral_norm"]
@@ -133,6 +138,9 @@ def spectral_norm(
     error) instead of 15 fixed power iterations (1–3 % off on default-initialised layers), and
     assigning ``module.<name> = W`` re-converges ``u``, ``v`` for ``W``.
 
+    On a lazy module the registration is deferred until the tensor exists, as in
+    :func:`safe_norm.spectral_norm`.
+
     Args:
         module: containing module.
         name: name of the weight tensor.
@@ -163,13 +171,42 @@ def spectral_norm(
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     if warmup_tol is not None:
         check_warmup_tol(warmup_tol)
-    if not isinstance(weight, nn.parameter.UninitializedParameter):
-        check_dtype(module, name, weight)
     if dim is None:
         convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, convt) else 0
+    if is_lazy(weight):
+        if n_power_iterations <= 0:  # the one check that needs no shape; the rest come later
+            raise ValueError(
+                "Expected n_power_iterations to be positive, but "
+                f"got n_power_iterations={n_power_iterations}"
+            )
+        register = partial(_register, name=name, n_power_iterations=n_power_iterations, eps=eps,
+                           dim=dim, warmup_tol=warmup_tol)
+        keys = partial(_checkpoint_keys, name=name)
+        Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
+        return module
+    check_dtype(module, name, weight)
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
     parametrize.register_parametrization(module, name, sn)
     if sn._fresh is not None:
         sn._fresh.arm()  # registration's own forward does not count as training
     return module
+
+
+def _register(module: nn.Module, **kwargs: Any) -> None:
+    spectral_norm(module, **kwargs)
+
+
+def _checkpoint_keys(prefix: str, name: str) -> tuple[str, str, str]:
+    group = f"{prefix}parametrizations.{name}."
+    return group + "original", group + "0._u", group + "0._v"
+
+
+def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
+    plist = cast(nn.ModuleDict, module.parametrizations)[name]
+    sn = cast(_SpectralNorm, cast(parametrize.ParametrizationList, plist)[0])
+    with torch.no_grad():
+        sn._u.copy_(u)
+        sn._v.copy_(v)
+    if sn._fresh is not None:
+        sn._fresh.adopt()

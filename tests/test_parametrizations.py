@@ -69,7 +69,6 @@ BAD = {
     "None parameter": (lambda: nn.Linear(4, 3, bias=False), dict(name="bias")),
     "integer weight": (lambda: _module_with(torch.ones(3, 4, dtype=torch.long)), {}),
     "0-d weight": (lambda: _module_with(torch.tensor(2.0)), {}),
-    "lazy module": (lambda: nn.LazyLinear(3), {}),
 }
 
 
