@@ -135,3 +135,16 @@ def test_max_steps_bounds_the_work_and_reports_the_error():
     u, v = _random_uv(W)
     result = _power.warm_up_(W, u, v, eps=1e-12, tol=1e-8, max_steps=3)
     assert result.steps == 3 and result.error_estimate > 1e-8
+
+
+def test_warm_up_keeps_vectors_that_are_already_good_enough():
+    """A re-convergence after a change that was none (a DDP broadcast, a move) alters nothing."""
+    torch.manual_seed(0)
+    W = nn.Linear(300, 200).weight.detach()
+    u, v = _random_uv(W)
+    _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4)
+    u0, v0 = u.clone(), v.clone()
+    _power.warm_up_(W.clone(), u, v, eps=1e-12, tol=1e-4)
+    assert torch.equal(u, u0) and torch.equal(v, v0)
+    _power.warm_up_(W * torch.linspace(0.5, 2, 300), u, v, eps=1e-12, tol=1e-4)  # a real change
+    assert not torch.equal(v, v0)

@@ -1,0 +1,63 @@
+"""Worker for tests/test_ddp.py: trains spectral-normed models under DistributedDataParallel.
+
+Not a test module itself (spawned processes import it by name).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import safe_norm
+import safe_norm.parametrizations
+
+CONFIGS = [(api, lazy) for api in ("hook", "parametrization") for lazy in (False, True)]
+STEPS = int(os.environ.get("SAFE_NORM_DDP_STEPS", "4"))
+BATCH = 8  # split evenly over the ranks
+
+
+def build(api: str, lazy: bool) -> nn.Module:
+    sn = safe_norm.spectral_norm if api == "hook" else safe_norm.parametrizations.spectral_norm
+    torch.manual_seed(0)
+    if lazy:
+        net = nn.Sequential(sn(nn.LazyConv2d(8, 3)), nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.LazyLinear(1)))
+        safe_norm.initialize_now(net, torch.zeros(1, 3, 8, 8))
+    else:
+        net = nn.Sequential(sn(nn.Conv2d(3, 8, 3)), nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.Linear(8 * 6 * 6, 1)))
+    return net
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 3, 8, 8, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def train(net: nn.Module, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = batch(step)
+        x, y = x[rank::world], y[rank::world]
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    module = net.module if isinstance(net, DistributedDataParallel) else net
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        for api, lazy in CONFIGS:
+            ddp = DistributedDataParallel(build(api, lazy))
+            state = train(ddp, rank, world)
+            torch.save(state, os.path.join(out_dir, f"{api}-{lazy}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""DistributedDataParallel on torch.distributed: two gloo processes on the loopback address."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from . import ddp_worker
+from .helpers import close
+
+TIME_LIMIT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_each_other_and_single_process(tmp_path):
+    world = 2
+    context = mp.start_processes(
+        ddp_worker.run, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIME_LIMIT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {TIME_LIMIT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    for api, lazy in ddp_worker.CONFIGS:
+        ranks = [torch.load(tmp_path / f"{api}-{lazy}-rank{r}.pt", weights_only=True) for r in range(world)]
+        expected = ddp_worker.train(ddp_worker.build(api, lazy))  # one process, the whole batch
+        assert ranks[0].keys() == ranks[1].keys() == expected.keys()
+        assert any(k.endswith("_u") for k in expected)
+        for key in expected:
+            assert torch.equal(ranks[0][key], ranks[1][key]), (api, lazy, key)
+            assert close(ranks[0][key], expected[key], rtol=1e-5), (api, lazy, key)
