@@ -10,7 +10,7 @@ its leading left and right singular vectors, and the invariant after every train
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ __all__ = [
     "weight_to_matrix",
     "power_iteration_",
     "sigma",
+    "normalise",
     "warm_up_",
     "WarmUp",
     "MAX_WARMUP_STEPS",
@@ -44,27 +45,88 @@ def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
 
 
 @torch.no_grad()
-def power_iteration_(W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float) -> None:
-    """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)``, **in place**.
+def power_iteration_(
+    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
+) -> Tensor:
+    """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)``, **in place**, and
+    return the resulting estimate ``σ = uᴴ W v`` (detached).
 
     In place, because under ``DataParallel`` the buffers of the replica on the first device share
     storage with the parallelised module's, and writing into them is the only way the update
     survives.  Callers that build a graph on ``u``, ``v`` must use clones: a second forward
     (``D(real) - D(fake)``) overwrites the buffers before the first one's backward runs.
 
-    For the opposite order (``u`` first, as upstream's parametrization does), pass ``Wᴴ`` and
-    swap the vectors.
+    ``σ`` reuses the last ``W v`` (``u`` is its normalisation), where upstream multiplies again:
+    two mat-vecs per iteration in all.  For the opposite order (``u`` first, as upstream's
+    parametrization does), pass ``Wᴴ`` and swap the vectors; the ``σ`` returned is then the
+    conjugate of the one for ``W``.
     """
+    if n_power_iterations < 1:
+        raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
     for _ in range(n_power_iterations):
         # out= keeps the storage; .mH makes the step correct for complex weights too
         # (it is the plain transpose for real ones).
         F.normalize(torch.mv(W.mH, u), dim=0, eps=eps, out=v)
-        F.normalize(torch.mv(W, v), dim=0, eps=eps, out=u)
+        Wv = torch.mv(W, v)
+        F.normalize(Wv, dim=0, eps=eps, out=u)
+    return torch.vdot(u, Wv)
 
 
 def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """The spectral-norm estimate ``uᴴ W v`` (differentiable in ``W``)."""
     return torch.vdot(u, torch.mv(W, v))
+
+
+def normalise(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """``weight / σ(weight)`` where ``σ(W) = uᴴ W v`` with ``u``, ``v`` held constant.
+
+    ``sigma`` is that value, computed by the caller without a graph.  The gradient is upstream's
+    (autograd through ``W / (uᵀWv)``) in closed form, ``g/σ - (⟨g, W⟩/σ²) u vᵀ``: one reduction
+    and one rank-one update instead of the op-by-op graph.  Complex weights take the plain
+    autograd path.
+    """
+    if weight.is_complex():
+        return weight / sigma_with_graph(weight, u, v, dim)
+    return _Normalise.apply(weight, u, v, sigma, dim)
+
+
+def sigma_with_graph(weight: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
+    return torch.vdot(u, torch.mv(weight_to_matrix(weight, dim), v))
+
+
+def _from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
+    """Inverse of weight_to_matrix: a (h, w) matrix back in ``like``'s shape."""
+    if dim == 0:
+        return matrix.reshape(like.shape)
+    moved = [like.size(dim), *[s for d, s in enumerate(like.shape) if d != dim]]
+    return matrix.reshape(moved).movedim(0, dim)
+
+
+class _Normalise(torch.autograd.Function):
+    @staticmethod
+    def forward(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        return weight / sigma
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weight, u, v, sigma, dim = inputs
+        ctx.save_for_backward(weight, u, v, sigma)
+        ctx.dim = dim
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weight, u, v, sigma = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: a differentiable expression (sigma recomputed from the weight),
+            # so that a further backward sees every dependence on the weight, as upstream's does.
+            s = sigma_with_graph(weight, u, v, ctx.dim)
+            rank_one = _from_matrix(torch.outer(u, v), weight, ctx.dim)
+            grad_weight = grad / s - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / s**2) * rank_one
+        else:
+            coeff = torch.vdot(grad.reshape(-1), weight.reshape(-1)) / sigma**2
+            g = weight_to_matrix(grad, ctx.dim)
+            grad_weight = _from_matrix(torch.addr(g / sigma, u, v * -coeff), weight, ctx.dim)
+        return grad_weight, None, None, None, None
 
 
 class WarmUp(NamedTuple):

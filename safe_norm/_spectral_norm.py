@@ -67,11 +67,14 @@ class SpectralNorm(_UpstreamSpectralNorm):
         v = getattr(module, self.name + "_v")
         W = self.reshape_weight_to_matrix(weight)
         if do_power_iteration:
-            _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
+            sigma = _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
             # see power_iteration_ on why the graph is built on clones
             u = u.clone(memory_format=torch.contiguous_format)
             v = v.clone(memory_format=torch.contiguous_format)
-        return weight / _power.sigma(W, u, v)
+        else:
+            with torch.no_grad():
+                sigma = _power.sigma(W, u, v)
+        return _power.normalise(weight, u, v, sigma, self.dim)
 
     @staticmethod
     def apply(  # type: ignore[override]

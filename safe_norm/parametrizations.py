@@ -84,7 +84,19 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         fresh = self._fresh
         if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, self.training):
             self.warm_up(weight)
-        return super().forward(weight)
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
+        W = self._reshape_weight_to_matrix(weight)
+        if self.training:
+            # Wᴴ with u, v swapped: upstream's u-first order (see _power.power_iteration_)
+            sigma = _power.power_iteration_(W.mH, self._v, self._u, self.n_power_iterations, self.eps).conj()
+        else:
+            with torch.no_grad():
+                sigma = _power.sigma(W, self._u, self._v)
+        # clones: see _power.power_iteration_
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return _power.normalise(weight, u, v, sigma, self.dim)
 
     def warm_up(self, weight: Tensor) -> _power.WarmUp:
         """Converge ``_u``, ``_v`` in place for ``weight``."""
