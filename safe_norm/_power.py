@@ -103,15 +103,13 @@ def _from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
 
 
 class _Normalise(torch.autograd.Function):
+    # ctx-style forward: with a separate setup_context, torch binds the arguments through
+    # inspect.signature on every call, which costs more than the whole op on small weights.
     @staticmethod
-    def forward(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:  # type: ignore[override]
-        return weight / sigma
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        weight, u, v, sigma, dim = inputs
+    def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(weight, u, v, sigma)
         ctx.dim = dim
+        return weight / sigma
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -123,9 +121,11 @@ class _Normalise(torch.autograd.Function):
             rank_one = _from_matrix(torch.outer(u, v), weight, ctx.dim)
             grad_weight = grad / s - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / s**2) * rank_one
         else:
-            coeff = torch.vdot(grad.reshape(-1), weight.reshape(-1)) / sigma**2
-            g = weight_to_matrix(grad, ctx.dim)
-            grad_weight = _from_matrix(torch.addr(g / sigma, u, v * -coeff), weight, ctx.dim)
+            inv = sigma.reciprocal()
+            coeff = torch.vdot(grad.reshape(-1), weight.reshape(-1)) * inv * inv
+            # in-place addr_ on the fresh g/σ: several times faster than torch.addr on CPU
+            g = weight_to_matrix(grad * inv, ctx.dim)
+            grad_weight = _from_matrix(g.addr_(u, v * -coeff), weight, ctx.dim)
         return grad_weight, None, None, None, None
 
 
