@@ -1,4 +1,6 @@
-"""The "never stale" rule: when ``u``, ``v`` must be re-converged for the weight.
+"""Tracking tensor state: the "never stale" rule, and the eval cache of the normalised weight.
+
+The "never stale" rule says when ``u``, ``v`` must be re-converged for the weight.
 
 Both APIs keep one :class:`Freshness` per normalised weight.  The rule:
 
@@ -16,16 +18,32 @@ Both APIs keep one :class:`Freshness` per normalised weight.  The rule:
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
+import torch
 from torch import Tensor
 
-__all__ = ["Freshness"]
+__all__ = ["Freshness", "EvalCache", "Stamp"]
+
+
+class Stamp:
+    """A tensor's identity, storage and version counter: a tensor that still matches its stamp
+    has not been written, moved or replaced since (writes through ``.data`` excepted)."""
+
+    __slots__ = ("ref", "ptr", "version")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.ptr = tensor.data_ptr()
+        self.version = tensor._version
+
+    def matches(self, tensor: Tensor) -> bool:
+        return self.ref() is tensor and self.ptr == tensor.data_ptr() and self.version == tensor._version
+
 
 _ADOPT = "adopt"  # take the weight's next stamp as the reference, without re-converging
 _FORCE = "force"  # re-converge at the next forward, even after training has started
-
-
-def _stamp(weight: Tensor) -> tuple[int, int]:
-    return weight.data_ptr(), weight._version
 
 
 class Freshness:
@@ -35,7 +53,15 @@ class Freshness:
 
     def __init__(self, *, armed: bool = False, force: bool = False) -> None:
         self.armed = armed
-        self.stamp: tuple[int, int] | str = _FORCE if force else _ADOPT
+        self.stamp: Stamp | str = _FORCE if force else _ADOPT
+
+    # Stamps hold weak references, which neither pickle nor deep-copy meaningfully: a copy
+    # takes the weights it finds at its next forward as its own, like a load.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"armed": self.armed, "stamp": self.stamp if isinstance(self.stamp, str) else _ADOPT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.armed, self.stamp = state["armed"], state["stamp"]
 
     @property
     def watching(self) -> bool:
@@ -48,17 +74,17 @@ class Freshness:
             stale = True
         elif not self.armed:
             return False
-        elif self.stamp is _ADOPT:
-            self.stamp, stale = _stamp(weight), False
-        else:
-            stale = _stamp(weight) != self.stamp
+        elif isinstance(self.stamp, Stamp):
+            stale = not self.stamp.matches(weight)
+        else:  # _ADOPT
+            self.stamp, stale = Stamp(weight), False
         if training:
             self.armed = False
         return stale
 
     def converged(self, weight: Tensor) -> None:
         """``u``, ``v`` now belong to ``weight`` as it is."""
-        self.stamp = _stamp(weight)
+        self.stamp = Stamp(weight)
 
     def arm(self) -> None:
         """Watch for changes again (after registration or a load)."""
@@ -70,3 +96,48 @@ class Freshness:
 
     def force(self) -> None:
         self.stamp = _FORCE
+
+
+class EvalCache:
+    """The normalised weight of the last graph-free eval forward, reused while the weight,
+    ``u`` and ``v`` are unchanged (upstream recomputes it at every forward).
+
+    Only used with autograd off (``torch.no_grad()``, ``inference_mode()``) and out of training;
+    with grad enabled the graph is built as usual.  Not copied or pickled.
+    """
+
+    __slots__ = ("stamps", "inference", "value")
+
+    def __init__(self) -> None:
+        self.stamps: tuple[Stamp, ...] = ()
+        self.inference = False
+        self.value: Tensor | None = None
+
+    @staticmethod
+    def applies(training: bool, weight: Tensor) -> bool:
+        return not training and not torch.is_grad_enabled() and not weight.is_inference()
+
+    def get(self, *tensors: Tensor) -> Tensor | None:
+        if (
+            self.value is not None
+            and self.inference == torch.is_inference_mode_enabled()
+            and len(self.stamps) == len(tensors)
+            and all(s.matches(t) for s, t in zip(self.stamps, tensors))
+        ):
+            return self.value
+        return None
+
+    def put(self, value: Tensor, *tensors: Tensor) -> Tensor:
+        self.stamps = tuple(Stamp(t) for t in tensors)
+        self.inference = torch.is_inference_mode_enabled()
+        self.value = value
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EvalCache:
+        return EvalCache()

@@ -20,7 +20,7 @@ from torch.nn.utils.spectral_norm import (
 
 from . import _power
 from ._errors import check_warmup_tol, check_weight, warn_if_short
-from ._fresh import Freshness
+from ._fresh import EvalCache, Freshness
 from ._lazy import Pending, pending_on
 
 __all__ = [
@@ -47,16 +47,23 @@ class SpectralNorm(_UpstreamSpectralNorm):
     # None: upstream's behaviour (warmup_tol=None), no staleness checks.
     _fresh: Freshness | None = None
     _warmup_tol: float = DEFAULT_WARMUP_TOL
+    _cache: EvalCache | None = None
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
+        weight = getattr(module, self.name + "_orig")
         fresh = self._fresh
-        if (
-            fresh is not None
-            and fresh.watching
-            and fresh.needs_warm_up(getattr(module, self.name + "_orig"), module.training)
-        ):
+        if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, module.training):
             self.warm_up(module, self._warmup_tol)
-        super().__call__(module, inputs)
+        if EvalCache.applies(module.training, weight):
+            u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")
+            if self._cache is None:
+                self._cache = EvalCache()
+            normalised = self._cache.get(weight, u, v)
+            if normalised is None:
+                normalised = self._cache.put(self.compute_weight(module, False), weight, u, v)
+            setattr(module, self.name, normalised)
+            return
+        setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
 
     def reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
         return _power.weight_to_matrix(weight, self.dim)

@@ -19,7 +19,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNo
 
 from . import _power
 from ._errors import check_dtype, check_warmup_tol, warn_if_short
-from ._fresh import Freshness
+from ._fresh import EvalCache, Freshness
 from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
@@ -78,6 +78,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
         # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
         self._fresh = None if warmup_tol is None or ndim <= 1 else Freshness(force=True)
+        self._cache = EvalCache()
         self.register_load_state_dict_pre_hook(_adopt_on_load)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -86,6 +87,14 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             self.warm_up(weight)
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
+        if EvalCache.applies(self.training, weight):
+            cached = self._cache.get(weight, self._u, self._v)
+            if cached is None:
+                cached = self._cache.put(self._normalise(weight), weight, self._u, self._v)
+            return cached
+        return self._normalise(weight)
+
+    def _normalise(self, weight: Tensor) -> Tensor:
         W = self._reshape_weight_to_matrix(weight)
         if self.training:
             # Wᴴ with u, v swapped: upstream's u-first order (see _power.power_iteration_)
