@@ -37,14 +37,16 @@ def test_weight_to_matrix_matches_upstream(shape, dim):
     h=st.integers(1, 80),
     w=st.integers(1, 80),
     dtype=st.sampled_from([torch.float32, torch.float64]),
+    path=st.sampled_from(["exact", "lanczos"]),
     seed=st.integers(0, 2**16),
 )
-def test_warm_up_reaches_its_tolerance_and_keeps_the_invariant(h, w, dtype, seed):
+def test_warm_up_reaches_its_tolerance_and_keeps_the_invariant(h, w, dtype, path, seed):
     torch.manual_seed(seed)
     W = torch.randn(h, w, dtype=dtype)
     u, v = _random_uv(W)
     u_ptr, v_ptr = u.data_ptr(), v.data_ptr()
-    result = _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4)
+    exact_side = None if path == "exact" else 0
+    result = _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4, exact_side=exact_side)
     assert result.error_estimate <= 1e-4
     assert _sigma_error(W, u, v) < 1e-4
     assert u.data_ptr() == u_ptr and v.data_ptr() == v_ptr and u.dtype == v.dtype == dtype
@@ -52,14 +54,41 @@ def test_warm_up_reaches_its_tolerance_and_keeps_the_invariant(h, w, dtype, seed
     assert torch.allclose(u, F.normalize(W @ v, dim=0), atol=10 * torch.finfo(dtype).eps)
 
 
-def test_warm_up_is_exact_for_thin_matrices():
-    """From the smaller side the Krylov space is exhausted after min(h, w) steps."""
+@pytest.mark.parametrize("path", ["exact", "lanczos"])
+def test_warm_up_is_exact_for_thin_matrices(path):
+    """Exact by construction, or: from the smaller side Lanczos exhausts its Krylov space."""
     for shape in [(1, 50), (50, 1), (3, 400), (400, 3), (1, 1)]:
         W = torch.randn(*shape, dtype=torch.float64)
         u, v = _random_uv(W)
-        result = _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4)
+        result = _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4, exact_side=None if path == "exact" else 0)
         assert result.steps <= min(shape)
         assert _sigma_error(W, u, v) < 1e-12
+
+
+def test_small_sides_are_solved_exactly():
+    """Where Lanczos was once seen to stop at σ₂ (this 64x48 conv weight and start, two threads:
+    0.85 % low), the small-side solve is exact."""
+    torch.manual_seed(12)
+    W = nn.Conv2d(3, 64, 4).weight.detach().flatten(1)
+    u, v = _random_uv(W)
+    assert _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4).steps == 0  # the exact path
+    assert _sigma_error(W, u, v) < 10 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "factory",
+    [lambda: nn.Linear(512, 256), lambda: nn.Conv2d(128, 256, 3), lambda: nn.Embedding(1000, 200)],
+    ids=["Linear256x512", "Conv2d256x128x3x3", "Embedding1000x200"],
+)
+def test_lanczos_reaches_the_tolerance_over_many_seeds(factory):
+    for seed in range(60):
+        torch.manual_seed(seed)
+        W = factory().weight.detach()
+        W = W.flatten(1) if W.dim() > 2 else W
+        u, v = _random_uv(W)
+        _power.warm_up_(W, u, v, eps=1e-12, tol=1e-4)
+        assert _sigma_error(W, u, v) < 1e-4, seed
 
 
 def test_warm_up_on_clustered_spectrum_float32():
