@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations as upstream_parametrizations
 from torch.nn.utils import spectral_norm as upstream_spectral_norm
 
+import safe_norm
+import safe_norm.parametrizations
 from safe_norm import _power
+
+# API -> (safe_norm's function, upstream's function)
+APIS = {
+    "hook": (safe_norm.spectral_norm, upstream_spectral_norm),
+    "parametrization": (safe_norm.parametrizations.spectral_norm, upstream_parametrizations.spectral_norm),
+}
 
 # name -> (factory, dim).  Default-initialised, as users build them.
 ZOO = {
@@ -103,3 +113,11 @@ def trained(sn_fn, seed: int = 0, steps: int = 3) -> nn.Sequential:
         net(torch.randn(5, 6)).square().mean().backward()
         opt.step(), opt.zero_grad()
     return net.eval()
+
+
+def roundtrip(state_dict: dict) -> dict:
+    """Through torch.save / torch.load(weights_only=True), as a checkpoint travels."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

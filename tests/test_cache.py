@@ -8,18 +8,8 @@ import io
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations as up_param
-from torch.nn.utils import spectral_norm as up_hook
 
-import safe_norm
-import safe_norm.parametrizations as sn_param
-
-from .helpers import close, sn_state, twin
-
-APIS = {
-    "hook": (safe_norm.spectral_norm, up_hook),
-    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
-}
+from .helpers import APIS, close, sn_state, twin
 
 
 def _eval_weight(m, x):

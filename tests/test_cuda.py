@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations as up_param
-from torch.nn.utils import spectral_norm as up_hook
 
-import safe_norm
-import safe_norm.parametrizations as sn_param
-
-from .helpers import close, exact_sigma, rel, twin, used_sigma
+from .helpers import APIS, close, exact_sigma, rel, twin, used_sigma
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-APIS = {
-    "hook": (safe_norm.spectral_norm, up_hook),
-    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
-}
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.utils import parametrizations as up_param
-from torch.nn.utils import spectral_norm as up_hook
 
-import safe_norm
-import safe_norm.parametrizations as sn_param
-
-from .helpers import close, trained, twin
-
-APIS = {
-    "hook": (safe_norm.spectral_norm, up_hook),
-    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
-}
+from .helpers import APIS, close, roundtrip, trained, twin
 
 
 def _seeded_model(sn):
@@ -136,13 +124,6 @@ def test_one_by_one_weight(api):
         assert (a.grad - b.grad).abs().max().item() <= 1e-6 * scale, name
 
 
-def _roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("direction", ["upstream->safe_norm", "safe_norm->upstream"])
 def test_state_dict_crosses_over_strict(api, direction):
@@ -151,7 +132,7 @@ def test_state_dict_crosses_over_strict(api, direction):
     src, dst = trained(src_fn, seed=0), trained(dst_fn, seed=1)
     assert dst.state_dict().keys() == src.state_dict().keys()
     assert dst.state_dict()._metadata == src.state_dict()._metadata
-    dst.load_state_dict(_roundtrip(src.state_dict()), strict=True)
+    dst.load_state_dict(roundtrip(src.state_dict()), strict=True)
     x = torch.randn(7, 6)
     with torch.no_grad():
         assert torch.equal(dst(x), src(x))

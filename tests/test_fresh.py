@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations as up_param
-from torch.nn.utils import spectral_norm as up_hook
 
 import safe_norm
-import safe_norm.parametrizations as sn_param
 
-from .helpers import rel, sn_state, trained, used_sigma
-
-APIS = {
-    "hook": (safe_norm.spectral_norm, up_hook),
-    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
-}
+from .helpers import APIS, rel, sn_state, trained, used_sigma
 
 
 def _weight(m):

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrizations as up_param
-from torch.nn.utils import spectral_norm as up_hook
 
 import safe_norm
 import safe_norm.parametrizations as sn_param
 from safe_norm import initialize_now
 from safe_norm._lazy import Pending
 
-from .helpers import exact_sigma, sn_state
-
-APIS = {
-    "hook": (safe_norm.spectral_norm, up_hook),
-    "parametrization": (sn_param.spectral_norm, up_param.spectral_norm),
-}
+from .helpers import APIS, exact_sigma, roundtrip, sn_state
 
 LAZY = {
     "LazyLinear": (lambda: nn.LazyLinear(12), lambda: torch.randn(3, 20), 0),
@@ -140,13 +131,6 @@ def test_initialize_now_bad_input_and_nothing_pending():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-def _roundtrip(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("source", ["safe_norm", "upstream"])
 def test_eager_checkpoint_loads_into_a_fresh_lazy_model(api, source):
@@ -160,7 +144,7 @@ def test_eager_checkpoint_loads_into_a_fresh_lazy_model(api, source):
         opt.step(), opt.zero_grad()
     lazy = nn.Sequential(ours(nn.LazyConv2d(8, 3)), nn.ReLU(), nn.Flatten(), ours(nn.LazyLinear(5)))
     rng = torch.random.get_rng_state()
-    lazy.load_state_dict(_roundtrip(src.state_dict()), strict=True)
+    lazy.load_state_dict(roundtrip(src.state_dict()), strict=True)
     assert torch.equal(rng, torch.random.get_rng_state())  # a load draws no random numbers
     assert _no_pending(lazy)
     for (k, a), b in zip(src.state_dict().items(), lazy.state_dict().values(), strict=True):
