@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamSpectralNorm
 
@@ -22,6 +23,7 @@ __all__ = [
     "EmptyWeightError",
     "check_weight",
     "check_dtype",
+    "check_finite",
     "check_warmup_tol",
     "warn_if_short",
 ]
@@ -71,6 +73,7 @@ def check_weight(module: nn.Module, name: str, dim: int, n_power_iterations: int
     if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
         return
     check_dtype(module, name, weight)
+    check_finite(module, name, weight)
     if weight.dim() == 0 or not 0 <= dim < weight.dim():
         raise DimError(
             f"spectral_norm: dim={dim} is out of range for {_where(module, name)} of shape "
@@ -99,6 +102,15 @@ def warn_if_short(result: WarmUp, tol: float, what: str) -> None:
             f"spectral_norm warm-up of {what} stopped after {result.steps} steps with an "
             f"estimated relative sigma error of {result.error_estimate:.1e} (asked: {tol:.0e})",
             stacklevel=3,
+        )
+
+
+def check_finite(module: nn.Module, name: str, weight: Tensor) -> None:
+    # Once, at registration; the training step itself carries no check (see _power).
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"spectral_norm: {_where(module, name)} contains NaN or infinite values; "
+            "a spectral norm of it would be meaningless (initialise it first)"
         )
 
 

@@ -65,12 +65,25 @@ def power_iteration_(
     if n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
     for _ in range(n_power_iterations):
-        # out= keeps the storage; .mH makes the step correct for complex weights too
-        # (it is the plain transpose for real ones).
-        F.normalize(torch.mv(W.mH, u), dim=0, eps=eps, out=v)
+        # .mH makes the step correct for complex weights too (the transpose for real ones)
+        _normalize_into_(torch.mv(W.mH, u), v, eps)
         Wv = torch.mv(W, v)
-        F.normalize(Wv, dim=0, eps=eps, out=u)
+        _normalize_into_(Wv, u, eps)
     return torch.vdot(u, Wv)
+
+
+def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
+    """``out <- x / ‖x‖`` in place (its storage kept), as ``F.normalize(x, out=out)`` computes
+    it, except that ``out`` keeps its value where ``‖x‖ <= eps`` or is not finite.
+
+    Upstream writes the zero (or NaN) vector then, and a ``u`` or ``v`` that became zero on a
+    zero weight stays zero for good: every later sigma is 0/0, even after real weights are
+    loaded.  Kept vectors let the iteration resume as soon as the weight is usable.  Branch-free:
+    no host synchronisation in the training step.
+    """
+    norm = torch.linalg.vector_norm(x, dim=0, keepdim=True)
+    usable = torch.isfinite(norm) & (norm > eps)
+    out.copy_(torch.where(usable, x / norm, out))
 
 
 def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -87,8 +100,14 @@ def normalise(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> 
     autograd path.
     """
     if weight.is_complex():
-        return weight / sigma_with_graph(weight, u, v, dim)
+        return weight / _usable(sigma_with_graph(weight, u, v, dim))
     return _Normalise.apply(weight, u, v, sigma, dim)
+
+
+def _usable(sigma: Tensor) -> Tensor:
+    """sigma, or 1 where it is 0 (an all-zero weight): 0/1 = 0 is the normalised zero weight,
+    where upstream returns 0/0 = NaN.  Any nonzero sigma, however small, is kept."""
+    return torch.where(sigma == 0, torch.ones_like(sigma), sigma)
 
 
 def sigma_with_graph(weight: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
@@ -108,6 +127,7 @@ class _Normalise(torch.autograd.Function):
     # inspect.signature on every call, which costs more than the whole op on small weights.
     @staticmethod
     def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        sigma = _usable(sigma)
         ctx.save_for_backward(weight, u, v, sigma)
         ctx.dim = dim
         return weight / sigma
@@ -118,7 +138,7 @@ class _Normalise(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: a differentiable expression (sigma recomputed from the weight),
             # so that a further backward sees every dependence on the weight, as upstream's does.
-            s = sigma_with_graph(weight, u, v, ctx.dim)
+            s = _usable(sigma_with_graph(weight, u, v, ctx.dim))
             rank_one = _from_matrix(torch.outer(u, v), weight, ctx.dim)
             grad_weight = grad / s - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / s**2) * rank_one
         else:

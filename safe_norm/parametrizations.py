@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
 from . import _power
-from ._errors import check_dtype, check_warmup_tol, warn_if_short
+from ._errors import check_dtype, check_finite, check_warmup_tol, warn_if_short
 from ._fresh import EvalCache, Freshness
 from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
@@ -207,6 +207,7 @@ def spectral_norm(
         Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
         return module
     check_dtype(module, name, weight)
+    check_finite(module, name, weight)
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
     parametrize.register_parametrization(module, name, sn)
     if sn._fresh is not None:
