@@ -8,6 +8,7 @@ names the mistake.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -24,6 +25,8 @@ __all__ = [
     "check_weight",
     "check_dtype",
     "check_finite",
+    "check_not_empty",
+    "check_options",
     "check_warmup_tol",
     "warn_if_short",
 ]
@@ -45,7 +48,7 @@ class DimError(IndexError, RuntimeError):
 
 
 class EmptyWeightError(ValueError, RuntimeError):
-    """The weight has no rows along ``dim`` (upstream: ``RuntimeError``)."""
+    """The weight has no entries (upstream: ``RuntimeError`` for some shapes, accepts others)."""
 
 
 def _where(module: nn.Module, name: str) -> str:
@@ -80,10 +83,14 @@ def check_weight(module: nn.Module, name: str, dim: int, n_power_iterations: int
             f"{tuple(weight.shape)}; expected 0 <= dim < {max(weight.dim(), 1)}"
             + (" (a 0-d weight cannot be normalised)" if weight.dim() == 0 else "")
         )
-    if weight.size(dim) == 0:
+    check_not_empty(module, name, weight)
+
+
+def check_not_empty(module: nn.Module, name: str, weight: Tensor) -> None:
+    if weight.numel() == 0:
         raise EmptyWeightError(
             f"spectral_norm: {_where(module, name)} of shape {tuple(weight.shape)} has no "
-            f"entries along dim={dim}"
+            "entries; there is nothing to normalise"
         )
 
 
@@ -111,6 +118,20 @@ def check_finite(module: nn.Module, name: str, weight: Tensor) -> None:
         raise ValueError(
             f"spectral_norm: {_where(module, name)} contains NaN or infinite values; "
             "a spectral norm of it would be meaningless (initialise it first)"
+        )
+
+
+def check_options(module: nn.Module, name: str, n_power_iterations: object, eps: object) -> None:
+    """Arguments upstream takes without complaint and then fails on, or silently misuses."""
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral):
+        # upstream: TypeError at the first training forward, from range()
+        raise TypeError(
+            f"spectral_norm of {_where(module, name)}: n_power_iterations must be an int, "
+            f"got {n_power_iterations!r}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and float(eps) > 0):
+        raise ValueError(
+            f"spectral_norm of {_where(module, name)}: eps must be a finite number > 0, got {eps!r}"
         )
 
 

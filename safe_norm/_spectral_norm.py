@@ -19,7 +19,7 @@ from torch.nn.utils.spectral_norm import (
 )
 
 from . import _power
-from ._errors import check_warmup_tol, check_weight, warn_if_short
+from ._errors import check_options, check_warmup_tol, check_weight, warn_if_short
 from ._fresh import EvalCache, Freshness
 from ._lazy import Pending, pending_on
 
@@ -188,6 +188,7 @@ def spectral_norm(
     """
     if warmup_tol is not None:
         check_warmup_tol(warmup_tol)
+    check_options(module, name, n_power_iterations, eps)
     if dim is None:
         convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, convt) else 0

@@ -18,7 +18,14 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
 from . import _power
-from ._errors import check_dtype, check_finite, check_warmup_tol, warn_if_short
+from ._errors import (
+    check_dtype,
+    check_finite,
+    check_not_empty,
+    check_options,
+    check_warmup_tol,
+    warn_if_short,
+)
 from ._fresh import EvalCache, Freshness
 from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
@@ -192,6 +199,7 @@ def spectral_norm(
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     if warmup_tol is not None:
         check_warmup_tol(warmup_tol)
+    check_options(module, name, n_power_iterations, eps)
     if dim is None:
         convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
         dim = 1 if isinstance(module, convt) else 0
@@ -207,6 +215,7 @@ def spectral_norm(
         Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
         return module
     check_dtype(module, name, weight)
+    check_not_empty(module, name, weight)
     check_finite(module, name, weight)
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
     parametrize.register_parametrization(module, name, sn)
