@@ -103,11 +103,15 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return (a - b).abs().max().item() <= rtol * scale
 
 
+def _add_length_dim(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].unsqueeze(-1),)  # (a module-level function, so the net can be pickled)
+
+
 def trained(sn_fn, seed: int = 0, steps: int = 3) -> nn.Sequential:
     """A small net (Linear + ConvTranspose1d, dims 0 and 1) after ``steps`` SGD steps, in eval."""
     torch.manual_seed(seed)
     net = nn.Sequential(sn_fn(nn.Linear(6, 8)), nn.ReLU(), sn_fn(nn.ConvTranspose1d(8, 4, 1)))
-    net[2].register_forward_pre_hook(lambda m, a: (a[0].unsqueeze(-1),))
+    net[2].register_forward_pre_hook(_add_length_dim)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(steps):
         net(torch.randn(5, 6)).square().mean().backward()
