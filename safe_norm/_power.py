@@ -64,12 +64,20 @@ def power_iteration_(
     """
     if n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
-    for _ in range(n_power_iterations):
-        # .mH makes the step correct for complex weights too (the transpose for real ones)
-        _normalize_into_(torch.mv(W.mH, u), v, eps)
-        Wv = torch.mv(W, v)
-        _normalize_into_(Wv, u, eps)
-    return torch.vdot(u, Wv)
+    # Under CUDA autocast mv would run in float16; the estimate is worth float32 (it is cheap).
+    with torch.autocast(W.device.type, enabled=False):
+        for _ in range(n_power_iterations):
+            # .mH makes the step correct for complex weights too (the transpose for real ones)
+            _normalize_into_(torch.mv(W.mH, u), v, eps)
+            Wv = torch.mv(W, v)
+            _normalize_into_(Wv, u, eps)
+        if _HALF.get(u.dtype):  # accumulate sigma in float32; keep the weight's dtype
+            return torch.vdot(u.float(), Wv.float()).to(u.dtype)
+        return torch.vdot(u, Wv)
+
+
+# float16 / bfloat16 vectors: norms and sigma are accumulated in float32.
+_HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
@@ -81,7 +89,8 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
     loaded.  Kept vectors let the iteration resume as soon as the weight is usable.  Branch-free:
     no host synchronisation in the training step.
     """
-    norm = torch.linalg.vector_norm(x, dim=0, keepdim=True)
+    norm = torch.linalg.vector_norm(x, dim=0, keepdim=True, dtype=_HALF.get(x.dtype))
+    # (a Python eps compares exactly; as a float16 tensor 1e-12 would be 0)
     usable = torch.isfinite(norm) & (norm > eps)
     out.copy_(torch.where(usable, x / norm, out))
 

@@ -1,0 +1,53 @@
+"""Low precision (issue 6, item 3): half weights, autocast, float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from .helpers import APIS, exact_sigma, rel, sn_state, used_sigma
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_weights_register_train_and_keep_their_dtype(api, dtype):
+    ours, theirs = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(64, 48).to(dtype))
+    weight, u, v = sn_state(m)
+    assert u.dtype == v.dtype == dtype  # buffers as upstream gives them: checkpoints compatible
+    assert theirs(nn.Linear(64, 48).to(dtype)).state_dict().keys() == m.state_dict().keys()
+    assert rel(used_sigma(m), exact_sigma(weight)) < 1e-2  # 8 (bfloat16) / 11 (float16) bits
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(5):
+        out = m(torch.randn(4, 64, dtype=dtype))
+        out.float().square().mean().backward()
+        opt.step(), opt.zero_grad()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel(used_sigma(m), exact_sigma(sn_state(m)[0])) < 1e-2
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_float16_zero_weight_despite_eps_underflow(api):
+    """eps=1e-12 is 0 in float16: the guard must not rely on it."""
+    ours, theirs = APIS[api]
+    m = nn.Linear(8, 4).half()
+    nn.init.zeros_(m.weight)
+    out = ours(m)(torch.randn(2, 8).half())
+    assert torch.equal(out, m.bias.expand(2, 4))
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_cpu_autocast_bfloat16_training(api):
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    net = nn.Sequential(ours(nn.Linear(32, 64)), nn.ReLU(), ours(nn.Linear(64, 1)))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(torch.randn(16, 32)).float().square().mean()
+        loss.backward()
+        opt.step(), opt.zero_grad()
+    for layer in (net[0], net[2]):
+        assert rel(used_sigma(layer), exact_sigma(sn_state(layer)[0])) < 1e-2
