@@ -198,22 +198,28 @@ def warm_up_(
     if min(W.shape) == 0:
         return WarmUp(0, 0.0)
     work = torch.promote_types(W.dtype, torch.float32)
+    # Singular vectors do not depend on the scale: work on W / max|W|, so that weights of any
+    # magnitude (1e-30, 1e30) neither under- nor overflow the squares inside the norms.
+    scale = W.detach().abs().amax().to(work)
+    if not (scale > 0 and torch.isfinite(scale)):
+        return WarmUp(0, math.inf)  # an all-zero or non-finite weight: nothing to converge to
+    Ws = W.detach().to(work) / scale
     if min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side):
-        found = _exact_top(W)
+        found = _exact_top(Ws)
     else:
-        found = _lanczos_top(W.detach().to(work), u.to(work), v.to(work), tol, max_steps)
+        found = _lanczos_top(Ws, u.to(work), v.to(work), tol, max_steps)
     if found is None:
         return WarmUp(0, math.inf)
     new_v, top_sigma, result = found
     # Vectors that already give a sigma this good are kept as they are: re-converging after a
     # change that was none (a DDP broadcast, a move, an equal copy) then alters no state.
-    current = sigma(W.to(new_v.dtype), u.to(new_v.dtype), v.to(new_v.dtype)).real.item()
+    current = sigma(Ws.to(new_v.dtype), u.to(new_v.dtype), v.to(new_v.dtype)).real.item()
     if current >= top_sigma * (1 - tol * _SAFETY):
         return result
     if not torch.isfinite(new_v).all():
         return WarmUp(result.steps, math.inf)
     v.copy_(F.normalize(new_v, dim=0, eps=eps))
-    u.copy_(F.normalize(torch.mv(W, v), dim=0, eps=eps))
+    u.copy_(F.normalize(torch.mv(Ws, v.to(work)), dim=0, eps=eps))
     return result
 
 

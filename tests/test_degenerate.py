@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from .helpers import APIS, exact_sigma, rel, sn_state, used_sigma
@@ -93,3 +95,33 @@ def test_a_transient_nan_does_not_poison_u_v(api):
         weight.copy_(saved)
     m(torch.randn(2, 16))
     assert rel(used_sigma(m), exact_sigma(weight)) < 1e-4
+
+
+@settings(max_examples=30)
+@given(
+    api=st.sampled_from(list(APIS)),
+    rows=st.integers(1, 160),
+    cols=st.integers(1, 160),
+    rank=st.integers(1, 4),
+    log_scale=st.sampled_from([-30, -10, 0, 10, 30]),
+    seed=st.integers(0, 2**16),
+)
+def test_degenerate_shapes_ranks_and_scales(api, rows, cols, rank, log_scale, seed):
+    """Rank-one and rank-deficient, 1xn, nx1, 1x1, scaled by 1e-30 ... 1e30 (float32)."""
+    ours, _ = APIS[api]
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, cols, generator=g, dtype=torch.float64)
+    W = (W / W.abs().max() * 10.0**log_scale).float()
+    assume(bool(W.abs().max() > 0) and bool(torch.isfinite(W).all()))
+    m = nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(W)
+    m = ours(m)
+    exact = exact_sigma(sn_state(m)[0])
+    assert rel(used_sigma(m), exact) < 1e-4
+    for mode in ("train", "eval"):
+        getattr(m, mode)()
+        out = m(torch.randn(2, cols))
+        assert torch.isfinite(out).all()
+        normalised = torch.linalg.matrix_norm(m.weight.detach().double(), 2).item()
+        assert normalised <= 1 + 1e-3
