@@ -200,7 +200,7 @@ def warm_up_(
     work = torch.promote_types(W.dtype, torch.float32)
     # Singular vectors do not depend on the scale: work on W / max|W|, so that weights of any
     # magnitude (1e-30, 1e30) neither under- nor overflow the squares inside the norms.
-    scale = W.detach().abs().amax().to(work)
+    scale = W.detach().abs().amax().to(torch.promote_types(W.real.dtype, torch.float32))
     if not (scale > 0 and torch.isfinite(scale)):
         return WarmUp(0, math.inf)  # an all-zero or non-finite weight: nothing to converge to
     Ws = W.detach().to(work) / scale
