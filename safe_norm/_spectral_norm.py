@@ -50,6 +50,14 @@ class SpectralNorm(_UpstreamSpectralNorm):
     _cache: EvalCache | None = None
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
+        if torch.compiler.is_compiling():
+            # Compiled graphs get upstream's step: the watching and the eval cache work on
+            # tensor identities and version counters, which tracing does not see.  A compiled
+            # training step still ends the watching, as an eager one does.
+            if module.training and self._fresh is not None:
+                self._fresh.armed = False
+            setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
+            return
         weight = getattr(module, self.name + "_orig")
         fresh = self._fresh
         if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, module.training):

@@ -89,11 +89,16 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         self.register_load_state_dict_pre_hook(_adopt_on_load)
 
     def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
+        if torch.compiler.is_compiling():
+            # As in the hook API: tracing sees no tensor identities or version counters.
+            if self.training and self._fresh is not None:
+                self._fresh.armed = False
+            return self._normalise(weight)
         fresh = self._fresh
         if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, self.training):
             self.warm_up(weight)
-        if weight.ndim == 1:
-            return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
         if EvalCache.applies(self.training, weight):
             cached = self._cache.get(weight, self._u, self._v)
             if cached is None:

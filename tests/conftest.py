@@ -23,3 +23,12 @@ def _seed_and_threads():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import test_compile
+
+    if test_compile.REPORT:
+        terminalreporter.write_sep("-", "torch.compile graph breaks (torch._dynamo.explain)")
+        for line in test_compile.REPORT:
+            terminalreporter.write_line(line)

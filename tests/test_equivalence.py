@@ -153,22 +153,3 @@ def test_double_backward_with_respect_to_the_weight(api, kind):
         g.square().sum().backward()
     for (name, a), b in zip(up.named_parameters(), sn.parameters(), strict=True):
         assert close(b.grad, a.grad, rtol=1e-5), name
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("api", APIS)
-def test_compiled_training_matches_eager(api):
-    ours, _ = APIS[api]
-    torch.manual_seed(0)
-    eager = ours(nn.Linear(16, 8))
-    compiled_net = ours(nn.Linear(16, 8))
-    compiled_net.load_state_dict(eager.state_dict())
-    step_fn = torch.compile(lambda net, x: net(x).square().mean(), backend="aot_eager")
-    for step in range(3):
-        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))
-        eager(x).square().mean().backward()
-        step_fn(compiled_net, x).backward()
-    for (name, a), b in zip(eager.named_parameters(), compiled_net.parameters(), strict=True):
-        assert close(b.grad, a.grad, rtol=1e-5), name
-    for (name, a), b in zip(eager.state_dict().items(), compiled_net.state_dict().values(), strict=True):
-        assert close(b, a, rtol=1e-5), name
