@@ -64,16 +64,18 @@ def power_iteration_(
     """
     if n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
-    # Under CUDA autocast mv would run in float16; the estimate is worth float32 (it is cheap).
-    with torch.autocast(W.device.type, enabled=False):
-        for _ in range(n_power_iterations):
-            # .mH makes the step correct for complex weights too (the transpose for real ones)
-            _normalize_into_(torch.mv(W.mH, u), v, eps)
-            Wv = torch.mv(W, v)
-            _normalize_into_(Wv, u, eps)
-        if _HALF.get(u.dtype):  # accumulate sigma in float32; keep the weight's dtype
-            return torch.vdot(u.float(), Wv.float()).to(u.dtype)
-        return torch.vdot(u, Wv)
+    if torch.is_autocast_enabled(W.device.type):
+        # Under CUDA autocast mv would run in float16; the estimate is worth float32 (cheap).
+        with torch.autocast(W.device.type, enabled=False):
+            return power_iteration_(W, u, v, n_power_iterations, eps)
+    for _ in range(n_power_iterations):
+        # .mH makes the step correct for complex weights too (the transpose for real ones)
+        _normalize_into_(torch.mv(W.mH, u), v, eps)
+        Wv = torch.mv(W, v)
+        _normalize_into_(Wv, u, eps)
+    if u.dtype in _HALF:  # accumulate sigma in float32; keep the weight's dtype
+        return torch.vdot(u.float(), Wv.float()).to(u.dtype)
+    return torch.vdot(u, Wv)
 
 
 # float16 / bfloat16 vectors: norms and sigma are accumulated in float32.
@@ -90,9 +92,13 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
     no host synchronisation in the training step.
     """
     norm = torch.linalg.vector_norm(x, dim=0, keepdim=True, dtype=_HALF.get(x.dtype))
-    # (a Python eps compares exactly; as a float16 tensor 1e-12 would be 0)
-    usable = torch.isfinite(norm) & (norm > eps)
-    out.copy_(torch.where(usable, x / norm, out))
+    # usable: eps < norm < inf, in two ops (NaN and inf fail the equality).  The norm is at
+    # least float32, so eps=1e-12 does not round to 0 here as it would in float16.
+    usable = norm.clamp(eps, torch.finfo(norm.dtype).max) == norm
+    if out.dtype in _HALF:  # x / norm is float32 here
+        out.copy_(torch.where(usable, x / norm, out))
+    else:
+        torch.where(usable, x / norm, out, out=out)
 
 
 def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
