@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "default_dim",
     "weight_to_matrix",
     "power_iteration_",
     "sigma",
@@ -36,6 +37,12 @@ MAX_WARMUP_STEPS = 128
 #: left 3.7x the asked error.  Stopping at a tenth of it left at most 7e-6 for 1e-4 over the
 #: test zoo, for a few more steps.
 _SAFETY = 0.1
+
+
+def default_dim(module: torch.nn.Module) -> int:
+    """Upstream's default output dimension: 1 for ``ConvTranspose{1,2,3}d``, else 0."""
+    convt = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    return 1 if isinstance(module, convt) else 0
 
 
 def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:

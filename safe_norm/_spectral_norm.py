@@ -198,8 +198,7 @@ def spectral_norm(
         check_warmup_tol(warmup_tol)
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
-        convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-        dim = 1 if isinstance(module, convt) else 0
+        dim = _power.default_dim(module)
     if isinstance(module._parameters.get(name), nn.parameter.UninitializedParameter):
         SpectralNorm(name, n_power_iterations, dim, eps)  # upstream's argument checks, now
         if pending_on(module, "hook", name):

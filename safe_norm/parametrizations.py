@@ -206,8 +206,7 @@ def spectral_norm(
         check_warmup_tol(warmup_tol)
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
-        convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-        dim = 1 if isinstance(module, convt) else 0
+        dim = _power.default_dim(module)
     if is_lazy(weight):
         if n_power_iterations <= 0:  # the one check that needs no shape; the rest come later
             raise ValueError(
