@@ -41,7 +41,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
     re-run whenever the weight changes outside training (:mod:`safe_norm._fresh`).
 
     A subclass (same name, so the module prints as upstream's) so that ``isinstance`` checks
-    and upstream's ``forward`` keep working.  Upstream's power step runs ``u`` first, then
+    keep working.  Upstream's power step runs ``u`` first, then
     ``v``, so the invariant after a step is ``v = normalize(Wᴴu)``; the shared maths in
     :mod:`safe_norm._power` is written for the other order and is called here on ``Wᴴ`` with the
     vectors swapped.
