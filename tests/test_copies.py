@@ -32,7 +32,8 @@ def test_deepcopy(api, mode):
 def test_deepcopy_of_the_hook_api_right_after_a_training_forward():
     """The hook API leaves `module.weight = W / sigma` with its graph after a training forward,
     and torch refuses to deep-copy a non-leaf tensor; upstream fails the same way.  Copy after
-    an eval (no_grad) forward, or use the parametrization API."""
+    an eval (no_grad) forward, or use the parametrization API.  (torch.save of the whole module
+    is fine at that point: test_torch_save_whole_module.)"""
     ours, _ = APIS["hook"]
     copy.deepcopy(trained(ours))
 
@@ -41,8 +42,7 @@ def test_deepcopy_of_the_hook_api_right_after_a_training_forward():
 def test_torch_save_whole_module(api):
     ours, theirs = APIS[api]
     net = trained(ours)
-    with torch.no_grad():
-        net(torch.randn(1, 6))  # (after a training forward the hook API cannot pickle either)
+    net.train()(torch.randn(1, 6))  # right after a training forward (unlike deepcopy, this works)
     buffer = io.BytesIO()
     if api == "parametrization":  # refused by torch's parametrize, as for upstream's module
         with pytest.raises(RuntimeError) as mine:
