@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
-__all__ = ["Pending", "initialize_now", "pending_on", "finish_lazy"]
+__all__ = ["Pending", "initialize_now", "pending_hooks", "pending_on", "finish_lazy"]
 
 # register(module) does the eager registration; it returns the hook to run once in the forward
 # that completed it (the hook API's: hooks added during a forward only run from the next one).
@@ -60,7 +60,7 @@ class Pending:
         return not is_lazy(getattr(module, self.name))
 
     def complete(self, module: nn.Module) -> Any:
-        self._uninstall(module)
+        self.uninstall(module)
         finish_lazy(module)
         return self.register(module)
 
@@ -86,7 +86,7 @@ class Pending:
             self._loaded = (state_dict.pop(u_key), state_dict.pop(v_key))
 
     def load_post(self, module: nn.Module, incompatible_keys: Any) -> None:
-        if not self.ready(module) or self not in _pending_hooks(module):
+        if not self.ready(module) or self not in pending_hooks(module):
             return
         loaded, self._loaded = self._loaded, None
         if loaded is None:  # shapes came from a plain checkpoint: an ordinary registration
@@ -98,7 +98,7 @@ class Pending:
             self.complete(module)
         self.restore(module, *loaded)
 
-    def _uninstall(self, module: nn.Module) -> None:
+    def uninstall(self, module: nn.Module) -> None:
         def ours(hook: Any) -> bool:
             hook = getattr(hook, "hook", hook)  # torch's _WrappedHook
             return hook is self or getattr(hook, "__self__", None) is self
@@ -113,12 +113,12 @@ class Pending:
         )
 
 
-def _pending_hooks(module: nn.Module) -> list[Pending]:
+def pending_hooks(module: nn.Module) -> list[Pending]:
     return [h for h in module._forward_pre_hooks.values() if isinstance(h, Pending)]
 
 
 def pending_on(module: nn.Module, api: str, name: str) -> bool:
-    return any(p.api == api and p.name == name for p in _pending_hooks(module))
+    return any(p.api == api and p.name == name for p in pending_hooks(module))
 
 
 def finish_lazy(module: nn.Module) -> None:
@@ -183,7 +183,7 @@ def initialize_now(module: nn.Module, *example_inputs: Any, **example_kwargs: An
             for m, training in modes:
                 m.train(training)
     for m in list(module.modules()):
-        for pending in _pending_hooks(m):
+        for pending in pending_hooks(m):
             if pending.ready(m):
                 pending.complete(m)
     left = _lazy_modules(module)

@@ -21,7 +21,7 @@ from torch.nn.utils.spectral_norm import (
 from . import _power
 from ._errors import check_options, check_warmup_tol, check_weight, warn_if_short
 from ._fresh import EvalCache, Freshness
-from ._lazy import Pending, pending_on
+from ._lazy import Pending, pending_hooks, pending_on
 
 __all__ = [
     "SpectralNorm",
@@ -241,6 +241,10 @@ def remove_spectral_norm(module: T_module, name: str = "weight") -> T_module:
         ['bias', 'weight']
         >>> _ = m.load_state_dict(nn.Linear(40, 10).state_dict())
     """
+    for pending in pending_hooks(module):
+        if pending.api == "hook" and pending.name == name:
+            pending.uninstall(module)  # a lazy module's registration that never completed
+            return module
     _upstream_remove_spectral_norm(module, name)
     # Upstream looks for its hook class among the load pre-hooks, but torch stores them
     # wrapped in _WrappedHook, so upstream never finds it; unwrap and remove it here.

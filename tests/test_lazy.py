@@ -209,3 +209,12 @@ def test_reinitialising_after_the_first_forward_is_seen(api):
     for layer in (net[0], net[2]):
         W, u, v = sn_state(layer)
         assert abs(torch.dot(u, W @ v).item() / exact_sigma(W) - 1) < 1e-4
+
+
+def test_remove_spectral_norm_before_the_lazy_registration_completed():
+    m = safe_norm.spectral_norm(nn.LazyLinear(4))
+    assert safe_norm.remove_spectral_norm(m) is m
+    m(torch.randn(2, 3))
+    assert sorted(m.state_dict()) == ["bias", "weight"] and _no_pending(m)
+    with pytest.raises(ValueError, match="not found"):
+        safe_norm.remove_spectral_norm(m)
