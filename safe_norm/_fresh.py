@@ -106,10 +106,11 @@ class EvalCache:
     with grad enabled the graph is built as usual.  Not copied or pickled.
     """
 
-    __slots__ = ("stamps", "inference", "value")
+    __slots__ = ("stamps", "value_stamp", "inference", "value")
 
     def __init__(self) -> None:
         self.stamps: tuple[Stamp, ...] = ()
+        self.value_stamp: Stamp | None = None
         self.inference = False
         self.value: Tensor | None = None
 
@@ -118,17 +119,22 @@ class EvalCache:
         return not training and not torch.is_grad_enabled() and not weight.is_inference()
 
     def get(self, *tensors: Tensor) -> Tensor | None:
+        value = self.value
         if (
-            self.value is not None
+            value is not None
             and self.inference == torch.is_inference_mode_enabled()
             and len(self.stamps) == len(tensors)
             and all(s.matches(t) for s, t in zip(self.stamps, tensors))
+            and (self.value_stamp is None or self.value_stamp.matches(value))
         ):
-            return self.value
+            return value
         return None
 
     def put(self, value: Tensor, *tensors: Tensor) -> Tensor:
         self.stamps = tuple(Stamp(t) for t in tensors)
+        # The value is stamped too: a user's in-place edit of it is undone at the next forward,
+        # as upstream's recomputation would (inference tensors have no version counter).
+        self.value_stamp = None if value.is_inference() else Stamp(value)
         self.inference = torch.is_inference_mode_enabled()
         self.value = value
         return value

@@ -121,3 +121,17 @@ def test_copies_and_pickles_do_not_share_the_cache(api):
         loaded = torch.load(buffer, weights_only=False)
         with torch.no_grad():
             assert torch.equal(loaded(x), m(x))
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_an_edit_of_the_cached_weight_is_undone_as_upstream_would(api):
+    ours, theirs = APIS[api]
+    up, sn = twin(nn.Linear(8, 5), ours, theirs)
+    up.eval(), sn.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for m in (up, sn):
+            m(x)
+            if api == "hook":
+                m.weight.mul_(0)  # an in-place edit of the normalised weight
+        assert torch.equal(sn(x), up(x))
