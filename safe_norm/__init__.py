@@ -10,6 +10,7 @@ Change one import::
 
 from . import parametrizations
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
+from ._inspect import sigma
 from ._lazy import initialize_now
 from ._spectral_norm import (
     SpectralNorm,
@@ -25,6 +26,7 @@ __all__ = [
     "spectral_norm",
     "remove_spectral_norm",
     "initialize_now",
+    "sigma",
     "parametrizations",
     "SpectralNorm",
     "SpectralNormLoadStateDictPreHook",
