@@ -9,8 +9,9 @@ Change one import::
 """
 
 from . import parametrizations
+from ._adopt import Guard, convert, guard
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
-from ._inspect import sigma
+from ._inspect import Audit, AuditRow, audit, sigma
 from ._lazy import initialize_now
 from ._spectral_norm import (
     SpectralNorm,
@@ -27,6 +28,12 @@ __all__ = [
     "remove_spectral_norm",
     "initialize_now",
     "sigma",
+    "audit",
+    "Audit",
+    "AuditRow",
+    "guard",
+    "Guard",
+    "convert",
     "parametrizations",
     "SpectralNorm",
     "SpectralNormLoadStateDictPreHook",

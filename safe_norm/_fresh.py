@@ -82,6 +82,12 @@ class Freshness:
             self.armed = False
         return stale
 
+    def stale(self, weight: Tensor) -> bool:
+        """Whether the next forward will re-converge ``u``, ``v`` for ``weight`` (no state change)."""
+        if self.stamp is _FORCE:
+            return True
+        return self.armed and isinstance(self.stamp, Stamp) and not self.stamp.matches(weight)
+
     def converged(self, weight: Tensor) -> None:
         """``u``, ``v`` now belong to ``weight`` as it is."""
         self.stamp = Stamp(weight)

@@ -1,28 +1,249 @@
-"""Reading spectral norms from a model: the sigma a layer divides by (any library, either API)."""
+"""Reading spectral norms from a model, any library and either API: :func:`sigma`, :func:`audit`.
+
+Both work on safe_norm's layers and on upstream's (``torch.nn.utils.spectral_norm`` and
+``torch.nn.utils.parametrizations.spectral_norm``), in any mix, without changing their state.
+"""
 
 from __future__ import annotations
 
-from typing import cast
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamParametrization
+from torch.nn.utils.parametrizations import spectral_norm as _upstream_parametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamHook
 
 from . import _power
+from ._spectral_norm import DEFAULT_WARMUP_TOL, SpectralNorm
+from .parametrizations import _SpectralNorm
+from .parametrizations import spectral_norm as _parametrization
 
-__all__ = ["sigma"]
+__all__ = ["sigma", "audit", "Audit", "AuditRow"]
+
+# |cos| between u and W v (hook API) above which u counts as the result of a power step.  A
+# training forward leaves |cos| = 1 and an optimizer step moves it by ~1e-5; a random u has
+# |cos| ~ 1/sqrt(len(u)).  See looks_untrained.
+_ALIGNED = 0.99
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One spectral-normed tensor found in a model."""
+
+    path: str  # the module's path in the model ("" for the model itself)
+    module: nn.Module
+    name: str
+    api: str  # "hook" or "parametrization"
+    fn: Any  # the hook object, or the parametrization module
+    index: int = 0  # position in the parametrization list
+
+    @property
+    def library(self) -> str:
+        ours = SpectralNorm if self.api == "hook" else _SpectralNorm
+        return "safe_norm" if isinstance(self.fn, ours) else "upstream"
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}.{self.name}" if self.path else self.name
+
+    def weight(self) -> Tensor:
+        """The tensor the layer divides by its sigma."""
+        if self.api == "hook":
+            return cast(Tensor, getattr(self.module, self.name + "_orig"))
+        plist = cast(parametrize.ParametrizationList, self.module.parametrizations[self.name])  # type: ignore[index,union-attr]
+        x = cast(Tensor, plist.original)
+        for p in list(plist)[: self.index]:
+            x = p(x)
+        return x
+
+    def vectors(self) -> tuple[Tensor, Tensor]:
+        if self.api == "hook":
+            return getattr(self.module, self.name + "_u"), getattr(self.module, self.name + "_v")
+        return self.fn._u, self.fn._v
+
+
+def layers(model: nn.Module) -> Iterator[Layer]:
+    """Every spectral-normed tensor in ``model`` (lazy registrations not yet completed aside)."""
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _UpstreamHook):
+                yield Layer(path, module, hook.name, "hook", hook)
+        if parametrize.is_parametrized(module):
+            for name, plist in cast(nn.ModuleDict, module.parametrizations).items():
+                for i, p in enumerate(cast(parametrize.ParametrizationList, plist)):
+                    # a 1-D tensor is normalised exactly, with no u, v and no sigma estimate
+                    if isinstance(p, _UpstreamParametrization) and hasattr(p, "_u"):
+                        yield Layer(path, module, name, "parametrization", p, i)
+
+
+def _matrix(layer: Layer) -> Tensor:
+    return _power.weight_to_matrix(layer.weight().detach(), layer.fn.dim)
+
+
+def next_sigma(layer: Layer) -> Tensor:
+    """What the layer's next eval forward divides by, as a detached 0-d tensor."""
+    with torch.no_grad():
+        W = _matrix(layer)
+        u, v = layer.vectors()
+        fresh = getattr(layer.fn, "_fresh", None)
+        if layer.library == "safe_norm" and fresh is not None and fresh.stale(layer.weight()):
+            # the next forward re-converges first (the never-stale rule); do it on copies
+            u, v = u.clone(), v.clone()
+            tol = getattr(layer.fn, "_warmup_tol", None) or layer.fn.warmup_tol or DEFAULT_WARMUP_TOL
+            if layer.api == "hook":
+                _power.warm_up_(W, u, v, eps=layer.fn.eps, tol=tol)
+            else:
+                _power.warm_up_(W.mH, v, u, eps=layer.fn.eps, tol=tol)
+        if layer.api == "hook" and layer.library == "upstream":
+            return torch.dot(u, torch.mv(W, v))  # upstream's hook omits the conjugate (MIGRATION H2)
+        return _power.sigma(W, u, v).real
+
+
+def looks_untrained(W: Tensor, u: Tensor, v: Tensor) -> bool:
+    """Whether hook-API vectors look like the random draws of registration, not a power step.
+
+    After any training forward ``u = normalize(W v)``; a random ``u`` is almost never aligned
+    with ``W v`` (chance ``1 - 0.99`` for ``len(u) = 3``, 9 % for 2).  With one row, ``u`` is
+    ±1 and always aligned, so ``v`` is tested against ``Wᴴ u`` instead (one step aligns it).
+    """
+    a, b, M = (u, v, W) if u.numel() > 1 else (v, u, W.mH)
+    image = torch.mv(M.to(a.dtype), b)
+    norm = torch.linalg.vector_norm(image)
+    if not bool(torch.isfinite(norm)) or norm == 0:
+        return False  # no direction to compare with: nothing to tell
+    cos = torch.vdot(a, image).abs() / (norm * torch.linalg.vector_norm(a))
+    return bool(cos < _ALIGNED)
+
+
+@functools.lru_cache(maxsize=None)
+def _registration_versions(library: str) -> tuple[int, int]:
+    """Version counters of ``_u``, ``_v`` right after a parametrization API registration with
+    its fixed warm-up (probed, so that it follows the installed torch)."""
+    register = _upstream_parametrization if library == "upstream" else functools.partial(_parametrization, warmup_tol=None)
+    with torch.random.fork_rng(devices=[]):  # the probe's draws must not move the user's stream
+        p: Any = register(nn.Linear(3, 2)).parametrizations.weight[0]  # type: ignore[index,union-attr]
+    return p._u._version, p._v._version
+
+
+def untrained(layer: Layer) -> bool:
+    """Whether the layer's ``u``, ``v`` never saw a training forward and were never converged:
+    upstream's random draws (hook API), or upstream's 15 fixed warm-up steps (parametrization
+    API).  safe_norm's layers converge at registration, so they are never untrained unless built
+    with ``warmup_tol=None``."""
+    if getattr(layer.fn, "_fresh", None) is not None:
+        return False
+    u, v = layer.vectors()
+    if layer.api == "hook":
+        return looks_untrained(_matrix(layer), u, v)
+    # The 15 steps align u and v, so state cannot tell; the version counters can (in this
+    # process: a training forward, a load or a copy into them moves them).
+    return (u._version, v._version) == _registration_versions(layer.library)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One spectral-normed tensor.  ``error`` is ``(sigma - exact) / exact``."""
+
+    module: str  # path in the model ("" for the model itself)
+    name: str
+    api: str  # "hook" or "parametrization"
+    library: str | None  # "safe_norm", "upstream", or None when read from a checkpoint
+    shape: tuple[int, ...]
+    dim: int
+    sigma: float  # what the next eval forward divides by
+    exact: float  # the largest singular value, float64 (nan when not computed)
+    error: float
+    untrained: bool | None  # never trained, never converged (None: cannot tell)
+
+
+class Audit(list):  # type: ignore[type-arg]
+    """A list of :class:`AuditRow`; ``str()`` is a table."""
+
+    _COLUMNS = ("module", "name", "api", "library", "shape", "sigma", "exact", "rel. error", "untrained")
+
+    def __str__(self) -> str:
+        rows = [self._COLUMNS] + [
+            (
+                r.module or "(model)",
+                r.name,
+                r.api,
+                r.library or "-",
+                "x".join(map(str, r.shape)),
+                f"{r.sigma:.6g}",
+                f"{r.exact:.6g}",
+                f"{r.error:+.1e}",
+                {True: "YES", False: "no", None: "?"}[r.untrained],
+            )
+            for r in self
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._COLUMNS))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def exact_sigma(W: Tensor) -> float:
+    dtype = torch.complex128 if W.is_complex() else torch.float64
+    return torch.linalg.matrix_norm(W.detach().to(dtype), 2).item()
+
+
+def make_row(
+    module: str, name: str, api: str, library: str | None, weight: Tensor, dim: int,
+    used: Tensor, untrained: bool | None, exact: bool,
+) -> AuditRow:
+    used_value = float(used.real if used.is_complex() else used)
+    true = exact_sigma(_power.weight_to_matrix(weight, dim)) if exact else math.nan
+    error = (used_value - true) / true if true else math.nan
+    return AuditRow(module, name, api, library, tuple(weight.shape), dim, used_value, true, error, untrained)
 
 
 @torch.no_grad()
+def audit(model: nn.Module, *, exact: bool = True) -> Audit:
+    """One :class:`AuditRow` per spectral-normed tensor in ``model``: safe_norm's and
+    upstream's, hook and parametrization API, in any mix.  Nothing in the model changes.
+
+    ``sigma`` is what the next eval forward divides by, ``exact`` the largest singular value
+    (float64 SVD; ``exact=False`` skips it, for very large models), ``untrained`` whether the
+    layer's ``u``, ``v`` are still registration's unconverged ones (PyTorch issue #51800: an
+    upstream hook-API layer put in ``eval()`` before any training forward).  ``print`` it for
+    a table.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import safe_norm
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 16)),
+        ...                     safe_norm.spectral_norm(nn.Linear(16, 1)))
+        >>> [(r.module, r.library, r.untrained, abs(r.error) < 1e-4) for r in safe_norm.audit(net)]
+        [('0', 'upstream', True, False), ('1', 'safe_norm', False, True)]
+        >>> print(safe_norm.audit(net))  # doctest: +SKIP
+        module  name    api   library    shape  sigma     exact    rel. error  untrained
+        0       weight  hook  upstream   16x8   0.0735... 1.35...  -9.5e-01    YES
+        1       weight  hook  safe_norm  1x16   0.989...  0.989... +3.4e-08    no
+    """
+    rows = Audit()
+    for layer in layers(model):
+        rows.append(make_row(
+            layer.path, layer.name, layer.api, layer.library, layer.weight().detach(), layer.fn.dim,
+            next_sigma(layer), untrained(layer), exact,
+        ))
+    return rows
+
+
 def sigma(module: nn.Module, name: str = "weight") -> Tensor:
-    """The sigma that ``module.<name>``'s next eval forward divides by: ``uᴴ W v`` from the
-    layer's current state, as a detached 0-d tensor on the weight's device.
+    """The sigma that ``module.<name>``'s next eval forward divides by, as a detached 0-d
+    tensor on the weight's device.
 
     Works on safe_norm's and upstream's spectral norms, hook or parametrization API alike; one
     mat-vec, no host synchronisation, so it is cheap enough to log every step (neither upstream
-    API exposes it).
+    API exposes it).  (Before the first training forward, a safe_norm layer whose weight was
+    changed re-converges at its next forward; the value returned is then that one.)
 
     Example::
 
@@ -34,16 +255,7 @@ def sigma(module: nn.Module, name: str = "weight") -> Tensor:
         >>> bool(abs(safe_norm.sigma(m) / exact - 1) < 1e-4)
         True
     """
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, _UpstreamHook) and hook.name == name:
-            W = hook.reshape_weight_to_matrix(getattr(module, name + "_orig"))
-            return _power.sigma(W, getattr(module, name + "_u"), getattr(module, name + "_v")).real
-    if parametrize.is_parametrized(module, name):
-        plist = cast(parametrize.ParametrizationList, module.parametrizations[name])  # type: ignore[index]
-        x = cast(Tensor, plist.original)
-        for p in plist:
-            if isinstance(p, _UpstreamParametrization) and x.ndim > 1:
-                W = p._reshape_weight_to_matrix(x)
-                return _power.sigma(W, p._u, p._v).real
-            x = p(x)
+    for layer in layers(module):
+        if layer.module is module and layer.name == name:
+            return next_sigma(layer)
     raise ValueError(f"no spectral norm on {type(module).__name__}.{name}")

@@ -104,23 +104,20 @@ class SpectralNorm(_UpstreamSpectralNorm):
         # Upstream's registration verbatim: its checks and exception types, parameter and buffer
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
-        fn = _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps)
-        fn.__class__ = SpectralNorm
-        ours = cast(SpectralNorm, fn)
-        for hook in module._load_state_dict_pre_hooks.values():
-            inner = getattr(hook, "hook", hook)  # torch wraps it in _WrappedHook
-            if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn is fn:
-                inner.__class__ = _LoadPreHook
+        ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
         if warmup_tol is not None:
-            ours._warmup_tol = warmup_tol
-            ours._fresh = Freshness(armed=True)
-            # Upstream sets `module.<name> = weight.data`, whose in-place changes (a user's
-            # nn.init after registration) reach the parameter but not its version counter;
-            # a detached alias shares both, so such a change is seen.
-            weight = getattr(module, name + "_orig")
-            setattr(module, name, weight.detach())
-            ours.warm_up(module, warmup_tol)
+            ours.start(module, warmup_tol)
         return ours
+
+    def start(self, module: nn.Module, tol: float) -> None:
+        """Registration's state: ``u``, ``v`` converged now, the weight watched until training."""
+        self._warmup_tol = tol
+        self._fresh = Freshness(armed=True)
+        # Upstream sets `module.<name> = weight.data`, whose in-place changes (a user's
+        # nn.init after registration) reach the parameter but not its version counter;
+        # a detached alias shares both, so such a change is seen.
+        setattr(module, self.name, getattr(module, self.name + "_orig").detach())
+        self.warm_up(module, tol)
 
     def warm_up(self, module: nn.Module, tol: float = DEFAULT_WARMUP_TOL) -> _power.WarmUp:
         """Converge ``<name>_u`` and ``<name>_v`` in place for the current weight."""
@@ -132,6 +129,16 @@ class SpectralNorm(_UpstreamSpectralNorm):
             self._fresh.converged(weight)
         warn_if_short(result, tol, f"{type(module).__name__}.{self.name} {tuple(weight.shape)}")
         return result
+
+
+def take_over(module: nn.Module, fn: _UpstreamSpectralNorm) -> SpectralNorm:
+    """Make upstream's hook on ``module`` (and its load hook) safe_norm's, state untouched."""
+    fn.__class__ = SpectralNorm
+    for hook in module._load_state_dict_pre_hooks.values():
+        inner = getattr(hook, "hook", hook)  # torch wraps it in _WrappedHook
+        if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn is fn:
+            inner.__class__ = _LoadPreHook
+    return cast(SpectralNorm, fn)
 
 
 class _LoadPreHook(SpectralNormLoadStateDictPreHook):

@@ -72,7 +72,6 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             )
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
-        self.warmup_tol = warmup_tol
         if ndim > 1:  # a vector is normalised exactly by upstream's forward, no u, v
             self.n_power_iterations = n_power_iterations
             weight_mat = self._reshape_weight_to_matrix(weight)
@@ -84,7 +83,12 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             if warmup_tol is None:
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
         # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
-        self._fresh = None if warmup_tol is None or ndim <= 1 else Freshness(force=True)
+        self._add_state(warmup_tol, None if warmup_tol is None or ndim <= 1 else Freshness(force=True))
+
+    def _add_state(self, warmup_tol: float | None, fresh: Freshness | None) -> None:
+        """What safe_norm keeps beyond upstream's attributes."""
+        self.warmup_tol = warmup_tol
+        self._fresh = fresh
         self._cache = EvalCache()
         self.register_load_state_dict_pre_hook(_adopt_on_load)
 
@@ -143,6 +147,15 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         if self._fresh is not None:
             self._fresh.force()
         return value
+
+
+def take_over(p: _UpstreamSpectralNorm, warmup_tol: float | None) -> _SpectralNorm:
+    """Make upstream's parametrization safe_norm's, state untouched; it behaves as one that has
+    trained (no watching; an assignment still re-converges, P2)."""
+    p.__class__ = _SpectralNorm
+    ours = cast(_SpectralNorm, p)
+    ours._add_state(warmup_tol, None if warmup_tol is None else Freshness())
+    return ours
 
 
 def _adopt_on_load(module: _SpectralNorm, *args: object) -> None:
