@@ -21,7 +21,10 @@ setup(
     python_requires=">=3.10",
     # The tested range: CI runs torch 2.13.0.  Older torch is likely fine but is not tested.
     install_requires=["torch>=2.13"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.100"],
+        "plot": ["matplotlib>=3.5"],  # python -m safe_norm demo --plot
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
