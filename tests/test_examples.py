@@ -28,3 +28,14 @@ def test_bug_repro_shows_upstream_wrong_and_safe_norm_right_in_both_apis():
     for _, _, up_hook, _, ours_hook, ours_param in rows:
         assert abs(float(up_hook)) > 0.5, out
         assert abs(float(ours_hook)) < 1e-4 and abs(float(ours_param)) < 1e-4, out
+
+
+def test_bug_repro_follows_training_steps_from_the_eval_error():
+    out = _run("examples/bug_repro.py")
+    table = out[out.index("then training forwards"):]
+    rows = {m[1]: [float(x) for x in m[2].split()] for m in re.finditer(
+        r"^\s+(upstream hook|upstream param\.|safe_norm hook|safe_norm param\.)\s+(\S.*)$", table, flags=re.M)}
+    assert len(rows) == 4 and all(len(values) == 8 for values in rows.values()), out
+    assert rows["upstream hook"][0] > 0.5 and rows["upstream param."][0] > 1e-3
+    assert rows["safe_norm hook"][0] < 1e-4 and rows["safe_norm param."][0] < 1e-4
+    assert rows["safe_norm hook"][1] < 1e-4  # the first training forward divides by a valid sigma
