@@ -35,7 +35,7 @@ def test_bug_repro_follows_training_steps_from_the_eval_error():
     table = out[out.index("then training forwards"):]
     rows = {m[1]: [float(x) for x in m[2].split()] for m in re.finditer(
         r"^\s+(upstream hook|upstream param\.|safe_norm hook|safe_norm param\.)\s+(\S.*)$", table, flags=re.M)}
-    assert len(rows) == 4 and all(len(values) == 8 for values in rows.values()), out
+    assert len(rows) == 4 and all(len(values) == 7 for values in rows.values()), out
     assert rows["upstream hook"][0] > 0.5 and rows["upstream param."][0] > 1e-3
     assert rows["safe_norm hook"][0] < 1e-4 and rows["safe_norm param."][0] < 1e-4
     assert rows["safe_norm hook"][1] < 1e-4  # the first training forward divides by a valid sigma
