@@ -6,6 +6,8 @@ the function that shadows it.  Here ``safe_norm.spectral_norm`` is only ever the
 
 from __future__ import annotations
 
+import copy
+import weakref
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -48,8 +50,12 @@ class SpectralNorm(_UpstreamSpectralNorm):
     _fresh: Freshness | None = None
     _warmup_tol: float = DEFAULT_WARMUP_TOL
     _cache: EvalCache | None = None
+    # The module this hook normalises, for __deepcopy__ (weak: the module holds the hook).
+    _module: weakref.ref[nn.Module] | None = None
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
+        if self._module is None:  # after unpickling (the reference is not pickled)
+            self._module = weakref.ref(module)
         if torch.compiler.is_compiling():
             # Compiled graphs get upstream's step: the watching and the eval cache work on
             # tensor identities and version counters, which tracing does not see.  A compiled
@@ -72,6 +78,31 @@ class SpectralNorm(_UpstreamSpectralNorm):
             setattr(module, self.name, normalised)
             return
         setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SpectralNorm:
+        # After a forward with autograd on, `module.<name>` is W / sigma with its graph, and
+        # torch refuses to deep-copy a non-leaf tensor, so upstream's modules cannot be
+        # deep-copied then (an EMA copy mid-training, for instance).  A module's hooks are
+        # copied before its attributes, so when this hook is copied as part of its module,
+        # the copy of that tensor is decided here: its values, detached (the copy's next
+        # forward recomputes it anyway).
+        module = self._module() if self._module is not None else None
+        if module is not None and id(module) in memo:
+            weight = module.__dict__.get(self.name)
+            if isinstance(weight, Tensor) and not weight.is_leaf and id(weight) not in memo:
+                memo[id(weight)] = weight.detach().clone()
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        copied = memo.get(id(module)) if module is not None else None
+        new._module = weakref.ref(copied) if isinstance(copied, nn.Module) else None
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_module"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
         return _power.weight_to_matrix(weight, self.dim)
@@ -134,6 +165,7 @@ class SpectralNorm(_UpstreamSpectralNorm):
 def take_over(module: nn.Module, fn: _UpstreamSpectralNorm) -> SpectralNorm:
     """Make upstream's hook on ``module`` (and its load hook) safe_norm's, state untouched."""
     fn.__class__ = SpectralNorm
+    cast(SpectralNorm, fn)._module = weakref.ref(module)
     for hook in module._load_state_dict_pre_hooks.values():
         inner = getattr(hook, "hook", hook)  # torch wraps it in _WrappedHook
         if isinstance(inner, SpectralNormLoadStateDictPreHook) and inner.fn is fn:

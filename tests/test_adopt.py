@@ -41,9 +41,9 @@ def _train(net: nn.Module, steps: int = 2, seed: int = 1, lr: float = 0.05) -> N
         net(torch.randn(4, 12, generator=gen)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    # A graph-free forward, so that copy.deepcopy works on the hook API's modules (after a
-    # grad-enabled forward `module.weight` carries its graph and cannot be deep-copied, in
-    # upstream and in safe_norm alike: tests/test_copies.py).
+    # A graph-free forward, so that copy.deepcopy works on upstream's hook-API modules (after a
+    # grad-enabled forward `module.weight` carries its graph, which torch refuses to copy;
+    # safe_norm copes: MIGRATION H9).
     with torch.no_grad():
         net(torch.randn(1, 12, generator=gen))
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import safe_norm
+
 from .helpers import APIS, close, exact_sigma, rel, sn_state, trained, twin, used_sigma
 
 
@@ -28,14 +30,49 @@ def test_deepcopy(api, mode):
     dst(x).sum().backward()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="open: as upstream, see docstring")
-def test_deepcopy_of_the_hook_api_right_after_a_training_forward():
-    """The hook API leaves `module.weight = W / sigma` with its graph after a training forward,
-    and torch refuses to deep-copy a non-leaf tensor; upstream fails the same way.  Copy after
-    an eval (no_grad) forward, or use the parametrization API.  (torch.save of the whole module
-    is fine at that point: test_torch_save_whole_module.)"""
-    ours, _ = APIS["hook"]
-    copy.deepcopy(trained(ours))
+@pytest.mark.parametrize("train", [True, False])
+def test_deepcopy_of_the_hook_api_right_after_a_forward_with_grad(train):
+    """After a forward with autograd on, `module.weight` is W / sigma with its graph, and torch
+    refuses to deep-copy a non-leaf tensor: upstream's module cannot be deep-copied then (an EMA
+    copy mid-training).  safe_norm's can (MIGRATION H9); the copy's weight is a detached copy of
+    the values, and the copy trains and evaluates as the source."""
+    ours, theirs = APIS["hook"]
+    x = torch.randn(3, 6)
+    for sn in (ours, theirs):
+        net = trained(sn).train(train)
+        net(x).sum().backward()  # the grads of this step stay with the source
+        if sn is theirs:
+            with pytest.raises(RuntimeError, match="deepcopy protocol"):
+                copy.deepcopy(net)
+            continue
+        dup = copy.deepcopy(net)
+        assert dup[0].weight.grad_fn is None and torch.equal(dup[0].weight, net[0].weight.detach())
+        assert net[0].weight.grad_fn is not None  # the source is untouched
+        assert dup[0].weight_u is not net[0].weight_u and torch.equal(dup[0].weight_u, net[0].weight_u)
+        for m in (net, dup):
+            m.zero_grad()
+        torch.testing.assert_close(dup(x), net(x), rtol=0, atol=0)
+        for m in (net, dup):
+            m(x).sum().backward()
+        assert dup[0].weight_orig.grad is not None
+        with torch.no_grad():
+            torch.testing.assert_close(dup.eval()(x), net.eval()(x), rtol=0, atol=0)
+        # and a copy of a copy, of a pickled-and-loaded module, after another forward
+        buffer = io.BytesIO()
+        torch.save(dup.train(), buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        loaded(x).sum().backward()
+        copy.deepcopy(loaded)
+
+
+def test_deepcopy_of_a_converted_upstream_module_after_training():
+    _, theirs = APIS["hook"]
+    net = safe_norm.convert(trained(theirs).train())
+    net(torch.randn(3, 6)).sum().backward()
+    dup = copy.deepcopy(net)
+    with torch.no_grad():
+        torch.testing.assert_close(dup.eval()(torch.ones(1, 6)), net.eval()(torch.ones(1, 6)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("api", APIS)
