@@ -36,3 +36,16 @@ def test_training_on_cuda_equals_upstream(api):
             opt.step(), opt.zero_grad()
     for (name, a), b in zip(up.state_dict().items(), sn.state_dict().values(), strict=True):
         assert close(b, a), name
+
+
+def test_audit_and_convert_on_cuda():
+    import safe_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.utils.spectral_norm(nn.Linear(64, 128)),
+                        nn.utils.parametrizations.spectral_norm(nn.Linear(128, 256))).cuda()
+    assert [r.untrained for r in safe_norm.audit(net)] == [True, True]
+    safe_norm.convert(net)
+    rows = safe_norm.audit(net)
+    assert all(r.library == "safe_norm" and abs(r.error) < 1e-4 for r in rows)
+    assert safe_norm.sigma(net[0]).is_cuda

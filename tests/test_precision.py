@@ -38,16 +38,25 @@ def test_float16_zero_weight_despite_eps_underflow(api):
     assert torch.equal(out, m.bias.expand(2, 4))
 
 
+AUTOCAST = [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
 @pytest.mark.parametrize("api", APIS)
-def test_cpu_autocast_bfloat16_training(api):
+@pytest.mark.parametrize(("device", "dtype"), AUTOCAST)
+def test_autocast_training(api, device, dtype):
     ours, _ = APIS[api]
     torch.manual_seed(0)
-    net = nn.Sequential(ours(nn.Linear(32, 64)), nn.ReLU(), ours(nn.Linear(64, 1)))
+    net = nn.Sequential(ours(nn.Linear(32, 64)), nn.ReLU(), ours(nn.Linear(64, 1))).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(10):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = net(torch.randn(16, 32)).float().square().mean()
+        with torch.autocast(device, dtype=dtype):
+            loss = net(torch.randn(16, 32, device=device)).float().square().mean()
         loss.backward()
         opt.step(), opt.zero_grad()
     for layer in (net[0], net[2]):
-        assert rel(used_sigma(layer), exact_sigma(sn_state(layer)[0])) < 1e-2
+        weight = sn_state(layer)[0]
+        assert torch.isfinite(weight).all()
+        assert rel(used_sigma(layer), exact_sigma(weight.cpu())) < 1e-2
