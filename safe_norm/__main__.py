@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch import nn
+
 from . import _checkpoint, _demo, _inspect
 from ._patch import upstream_patch
 
 
 def _audit(args: argparse.Namespace) -> int:
     obj = _checkpoint.load(args.path, unsafe_pickle=args.unsafe_pickle)
-    if isinstance(obj, _inspect.nn.Module):
+    if isinstance(obj, nn.Module):
         rows = _inspect.audit(obj, exact=not args.no_exact)
     else:
         rows = _checkpoint.audit_state_dict(obj, exact=not args.no_exact) if isinstance(obj, dict) else _inspect.Audit()

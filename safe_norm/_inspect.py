@@ -94,10 +94,10 @@ def next_sigma(layer: Layer) -> Tensor:
         if layer.library == "safe_norm" and fresh is not None and fresh.stale(layer.weight()):
             # the next forward re-converges first (the never-stale rule); do it on copies
             u, v = u.clone(), v.clone()
-            tol = getattr(layer.fn, "_warmup_tol", None) or layer.fn.warmup_tol or DEFAULT_WARMUP_TOL
             if layer.api == "hook":
-                _power.warm_up_(W, u, v, eps=layer.fn.eps, tol=tol)
-            else:
+                _power.warm_up_(W, u, v, eps=layer.fn.eps, tol=layer.fn._warmup_tol)
+            else:  # the parametrization's u-first order, as in its own warm_up
+                tol = layer.fn.warmup_tol or DEFAULT_WARMUP_TOL
                 _power.warm_up_(W.mH, v, u, eps=layer.fn.eps, tol=tol)
         if layer.api == "hook" and layer.library == "upstream":
             return torch.dot(u, torch.mv(W, v))  # upstream's hook omits the conjugate (MIGRATION H2)
