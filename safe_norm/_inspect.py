@@ -209,7 +209,8 @@ def audit(model: nn.Module, *, exact: bool = True) -> Audit:
     (float64 SVD; ``exact=False`` skips it, for very large models), ``untrained`` whether the
     layer's ``u``, ``v`` are still registration's unconverged ones (PyTorch issue #51800: an
     upstream hook-API layer put in ``eval()`` before any training forward).  ``print`` it for
-    a table.
+    a table.  A lazy module's registration that has not completed yet (no shape) is not
+    listed: run :func:`safe_norm.initialize_now` first.
 
     Example::
 
