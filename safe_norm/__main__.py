@@ -13,10 +13,10 @@ from ._patch import upstream_patch
 
 def _audit(args: argparse.Namespace) -> int:
     obj = _checkpoint.load(args.path, unsafe_pickle=args.unsafe_pickle)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module):  # only from --unsafe-pickle: the live classes tell more
         rows = _inspect.audit(obj, exact=not args.no_exact)
-    else:
-        rows = _checkpoint.audit_state_dict(obj, exact=not args.no_exact) if isinstance(obj, dict) else _inspect.Audit()
+    else:  # anything that is not a (nested) mapping of tensors holds no spectral norm
+        rows = _checkpoint.audit_state_dict(obj, exact=not args.no_exact)
     if not rows:
         raise _checkpoint.CheckpointError(
             f"{args.path}: no spectral norm found (looked for <name>_orig/_u/_v and "

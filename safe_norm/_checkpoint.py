@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _power
-from ._inspect import Audit, looks_untrained, make_row
+from ._inspect import _ALIGNED, Audit, cosine, looks_untrained, make_row
 
 __all__ = ["CheckpointError", "load", "tensors", "audit_state_dict"]
 
@@ -80,20 +80,16 @@ def _aligned_dim(weight: Tensor, u: Tensor, v: Tensor | None) -> int | None:
         return fits[0] if fits else None
 
     def alignment(d: int) -> float:
-        W = _power.weight_to_matrix(weight, d).to(u.dtype)
-        Wv, Wu = torch.mv(W, v), torch.mv(W.mH, u)
-        return max(
-            (torch.vdot(u, Wv).abs() / Wv.norm().clamp_min(1e-30)).item(),
-            (torch.vdot(v, Wu).abs() / Wu.norm().clamp_min(1e-30)).item(),
-        )
+        W = _power.weight_to_matrix(weight, d)
+        return max(cosine(u, W, v) or 0.0, cosine(v, W.mH, u) or 0.0)
 
     scores = [alignment(d) for d in fits]
     best = max(range(len(fits)), key=lambda i: (scores[i], -fits[i]))
-    return fits[best] if scores[best] >= 0.99 else (0 if 0 in fits else fits[0])
+    return fits[best] if scores[best] >= _ALIGNED else (0 if 0 in fits else fits[0])
 
 
 @torch.no_grad()
-def audit_state_dict(state: Mapping[str, Any], *, exact: bool = True) -> Audit:
+def audit_state_dict(state: Any, *, exact: bool = True) -> Audit:
     """:func:`safe_norm.audit` for a checkpoint: the same rows, from the tensors alone.
 
     ``library`` is ``None`` (both write the same tensors), ``untrained`` is the hook-API test

@@ -104,6 +104,16 @@ def next_sigma(layer: Layer) -> Tensor:
         return _power.sigma(W, u, v).real
 
 
+def cosine(a: Tensor, M: Tensor, b: Tensor) -> float | None:
+    """``|cos|`` between ``a`` and ``M b``; ``None`` when ``M b`` has no direction (zero or
+    not finite).  A power step leaves ``u`` along ``W v`` and ``v`` along ``Wᴴ u``."""
+    image = torch.mv(M.to(a.dtype), b)
+    norm = torch.linalg.vector_norm(image)
+    if not bool(torch.isfinite(norm)) or norm == 0:
+        return None
+    return (torch.vdot(a, image).abs() / (norm * torch.linalg.vector_norm(a))).item()
+
+
 def looks_untrained(W: Tensor, u: Tensor, v: Tensor) -> bool:
     """Whether hook-API vectors look like the random draws of registration, not a power step.
 
@@ -111,13 +121,8 @@ def looks_untrained(W: Tensor, u: Tensor, v: Tensor) -> bool:
     with ``W v`` (chance ``1 - 0.99`` for ``len(u) = 3``, 9 % for 2).  With one row, ``u`` is
     ±1 and always aligned, so ``v`` is tested against ``Wᴴ u`` instead (one step aligns it).
     """
-    a, b, M = (u, v, W) if u.numel() > 1 else (v, u, W.mH)
-    image = torch.mv(M.to(a.dtype), b)
-    norm = torch.linalg.vector_norm(image)
-    if not bool(torch.isfinite(norm)) or norm == 0:
-        return False  # no direction to compare with: nothing to tell
-    cos = torch.vdot(a, image).abs() / (norm * torch.linalg.vector_norm(a))
-    return bool(cos < _ALIGNED)
+    cos = cosine(u, W, v) if u.numel() > 1 else cosine(v, W.mH, u)
+    return cos is not None and cos < _ALIGNED  # no direction to compare with: nothing to tell
 
 
 @functools.lru_cache(maxsize=None)
