@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _spectral_norm, parametrizations
-from ._inspect import Layer, layers, untrained
+from ._inspect import Layer, layers, untrained, warms
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
 __all__ = ["guard", "convert", "Guard"]
@@ -88,7 +88,7 @@ def guard(model: nn.Module) -> Guard:
     """
     handle = Guard()
     for layer in layers(model):
-        if layer.api != "hook" or getattr(layer.fn, "_fresh", None) is not None:
+        if layer.api != "hook" or warms(layer):
             continue
         watch = _Watch(layer)
         handle.handles.append(layer.module.register_forward_pre_hook(watch.forward_pre, prepend=True))
@@ -124,11 +124,7 @@ def convert(model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL) -
         warm = warmup_tol is not None and untrained(layer)  # decided before anything changes
         if layer.api == "hook":
             hook = _spectral_norm.take_over(layer.module, layer.fn)
-            if warm:
-                hook.start(layer.module, warmup_tol)  # type: ignore[arg-type]
+            hook.start(layer.module, warmup_tol, converge=warm)
         else:
-            p = parametrizations.take_over(layer.fn, warmup_tol)
-            if warm and p._fresh is not None:
-                p.warm_up(layer.weight())
-                p._fresh.arm()
+            parametrizations.take_over(layer.fn, warmup_tol, layer.weight() if warm else None)
     return model

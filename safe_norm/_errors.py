@@ -113,8 +113,9 @@ def warn_if_short(result: WarmUp, tol: float, what: str) -> None:
 
 
 def check_finite(module: nn.Module, name: str, weight: Tensor) -> None:
-    # Once, at registration; the training step itself carries no check (see _power).
-    if not bool(torch.isfinite(weight).all()):
+    # Once, at registration; the training step itself carries no check (see _power).  A meta
+    # weight has no values yet: the warm-up waits for them.
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
         raise ValueError(
             f"spectral_norm: {_where(module, name)} contains NaN or infinite values; "
             "a spectral norm of it would be meaningless (initialise it first)"

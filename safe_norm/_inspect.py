@@ -18,8 +18,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamParametriz
 from torch.nn.utils.parametrizations import spectral_norm as _upstream_parametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamHook
 
-from . import _power
-from ._spectral_norm import DEFAULT_WARMUP_TOL, SpectralNorm
+from . import _core, _power
+from ._spectral_norm import SpectralNorm
 from .parametrizations import _SpectralNorm
 from .parametrizations import spectral_norm as _parametrization
 
@@ -87,21 +87,18 @@ def _matrix(layer: Layer) -> Tensor:
 
 def next_sigma(layer: Layer) -> Tensor:
     """What the layer's next eval forward divides by, as a detached 0-d tensor."""
-    with torch.no_grad():
-        W = _matrix(layer)
-        u, v = layer.vectors()
-        fresh = getattr(layer.fn, "_fresh", None)
-        if layer.library == "safe_norm" and fresh is not None and fresh.stale(layer.weight()):
-            # the next forward re-converges first (the never-stale rule); do it on copies
-            u, v = u.clone(), v.clone()
-            if layer.api == "hook":
-                _power.warm_up_(W, u, v, eps=layer.fn.eps, tol=layer.fn._warmup_tol)
-            else:  # the parametrization's u-first order, as in its own warm_up
-                tol = layer.fn.warmup_tol or DEFAULT_WARMUP_TOL
-                _power.warm_up_(W.mH, v, u, eps=layer.fn.eps, tol=tol)
-        if layer.api == "hook" and layer.library == "upstream":
-            return torch.dot(u, torch.mv(W, v))  # upstream's hook omits the conjugate (MIGRATION H2)
-        return _power.sigma(W, u, v).real
+    u, v = layer.vectors()
+    if layer.api == "hook" and layer.library == "upstream":
+        with torch.no_grad():  # upstream's hook omits the conjugate (MIGRATION H2)
+            return torch.dot(u, torch.mv(_matrix(layer), v))
+    view = _core.View(layer.weight(), u, v, layer.fn.dim, layer.fn.eps, 1, u_first=layer.api != "hook")
+    return _core.next_sigma(getattr(layer.fn, "_state", None), view).real
+
+
+def warms(layer: Layer) -> bool:
+    """A safe_norm layer that converges its vectors (not built with ``warmup_tol=None``)."""
+    state = getattr(layer.fn, "_state", None)
+    return state is not None and state.tol is not None
 
 
 def cosine(a: Tensor, M: Tensor, b: Tensor) -> float | None:
@@ -140,7 +137,7 @@ def untrained(layer: Layer) -> bool:
     upstream's random draws (hook API), or upstream's 15 fixed warm-up steps (parametrization
     API).  safe_norm's layers converge at registration, so they are never untrained unless built
     with ``warmup_tol=None``."""
-    if getattr(layer.fn, "_fresh", None) is not None:
+    if warms(layer):
         return False
     u, v = layer.vectors()
     if layer.api == "hook":

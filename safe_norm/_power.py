@@ -25,8 +25,13 @@ __all__ = [
     "warm_up_",
     "WarmUp",
     "MAX_WARMUP_STEPS",
+    "DEFAULT_WARMUP_TOL",
+    "oriented",
     "EXACT_SIDE",
 ]
+
+#: The relative sigma accuracy a warm-up aims for unless told otherwise.
+DEFAULT_WARMUP_TOL = 1e-4
 
 #: Upper bound on the Lanczos steps of a warm-up (each costs about one power iteration).
 #: Default-initialised layers up to 4096x4096 need fewer than 60 for 1e-4.
@@ -52,12 +57,22 @@ def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
     return weight.reshape(weight.size(0), -1)
 
 
+def oriented(W: Tensor, u: Tensor, v: Tensor, u_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W, u, v)``, or ``(Wᴴ, v, u)`` for a power step that updates ``u`` first.
+
+    The hook API's step updates ``v`` then ``u`` (invariant ``u = normalize(W v)``), the
+    parametrization API's ``u`` then ``v``.  The iterations here are written for the first
+    order; the second is the same iteration on ``Wᴴ`` with the vectors swapped.
+    """
+    return (W.mH, v, u) if u_first else (W, u, v)
+
+
 @torch.no_grad()
 def power_iteration_(
-    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
+    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, *, u_first: bool = False
 ) -> Tensor:
-    """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)``, **in place**, and
-    return the resulting estimate ``σ = uᴴ W v`` (detached).
+    """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)`` (with ``u_first``:
+    ``u`` first), **in place**, and return the resulting estimate ``σ = uᴴ W v`` (detached).
 
     In place, because under ``DataParallel`` the buffers of the replica on the first device share
     storage with the parallelised module's, and writing into them is the only way the update
@@ -65,13 +80,13 @@ def power_iteration_(
     (``D(real) - D(fake)``) overwrites the buffers before the first one's backward runs.
 
     ``σ`` reuses the last ``W v`` (``u`` is its normalisation), where upstream multiplies again:
-    two mat-vecs per iteration in all.  For the opposite order (``u`` first, as upstream's
-    parametrization does), pass ``Wᴴ`` and swap the vectors; the ``σ`` returned is then the
-    conjugate of the one for ``W``.
+    two mat-vecs per iteration in all.
     """
+    if u_first:
+        return power_iteration_(W.mH, v, u, n_power_iterations, eps).conj()
     if n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
-    if torch.is_autocast_enabled(W.device.type):
+    if not W.is_meta and torch.is_autocast_enabled(W.device.type):
         # Under CUDA autocast mv would run in float16; the estimate is worth float32 (cheap).
         with torch.autocast(W.device.type, enabled=False):
             return power_iteration_(W, u, v, n_power_iterations, eps)
@@ -189,6 +204,7 @@ def warm_up_(
     tol: float,
     max_steps: int = MAX_WARMUP_STEPS,
     exact_side: int | None = None,
+    u_first: bool = False,
 ) -> WarmUp:
     """Converge ``u`` and ``v`` in place so that ``uᴴ W v`` is within ``tol`` of ``σ₁(W)``.
 
@@ -202,12 +218,14 @@ def warm_up_(
       steps (each costs one product with ``W`` and one with ``Wᴴ``).  Full
       re-orthogonalisation keeps it stable in float32; half types are worked on in float32.
 
-    Afterwards the invariant ``u = normalize(W v)`` holds, as after an upstream training step,
-    and the vectors keep their dtype.  No random numbers are drawn.  Vectors that already give a
+    Afterwards the invariant ``u = normalize(W v)`` (with ``u_first``: ``v = normalize(Wᴴu)``)
+    holds, as after an upstream training step of that order, and the vectors keep their dtype.  No random numbers are drawn.  Vectors that already give a
     sigma within tolerance of the new estimate are left as they are.  If ``W`` maps the start to
     zero or is not finite (an all-zero weight, for instance), ``u`` and ``v`` are left as they
     were: they never become zero or NaN here.
     """
+    if u_first:
+        W, u, v = oriented(W, u, v, True)
     if min(W.shape) == 0:
         return WarmUp(0, 0.0)
     work = torch.promote_types(W.dtype, torch.float32)
@@ -271,9 +289,14 @@ def _lanczos_top(
     alphas: list[float] = []
     betas: list[float] = []
     start = u if transposed else v
-    if not (start.norm() > 0):
-        return None
-    Vs[0] = start / start.norm()
+    norm = start.norm()
+    if not (norm > 0 and torch.isfinite(norm)):
+        # No direction to start from: buffers of `to_empty()` (uninitialised memory), or vectors
+        # zeroed by a user.  A fixed-seed draw keeps the caller's random stream untouched.
+        generator = torch.Generator(start.device).manual_seed(0)
+        start = torch.randn(start.shape, generator=generator, device=start.device, dtype=start.real.dtype)
+        norm = start.norm()
+    Vs[0] = start / norm
     best: tuple[int, Tensor, float, float] | None = None
     for j in range(k_max):
         p = torch.mv(A, Vs[j])

@@ -20,9 +20,8 @@ from torch.nn.utils.spectral_norm import (
     remove_spectral_norm as _upstream_remove_spectral_norm,
 )
 
-from . import _power
-from ._errors import check_options, check_warmup_tol, check_weight, warn_if_short
-from ._fresh import EvalCache, Freshness
+from . import _core, _power
+from ._errors import check_options, check_warmup_tol, check_weight
 from ._lazy import Pending, pending_hooks, pending_on
 
 __all__ = [
@@ -35,50 +34,37 @@ __all__ = [
 
 T_module = TypeVar("T_module", bound=nn.Module)
 
-DEFAULT_WARMUP_TOL = 1e-4
+DEFAULT_WARMUP_TOL = _power.DEFAULT_WARMUP_TOL
 
 
 class SpectralNorm(_UpstreamSpectralNorm):
-    """Upstream's forward pre-hook with the maths from :mod:`safe_norm._power`.
+    """Upstream's forward pre-hook; what its forward does is decided in :mod:`safe_norm._core`.
 
     A subclass, so that ``isinstance`` checks in users' code and upstream's own
     ``torch.nn.utils.remove_spectral_norm`` keep working on safe_norm modules.  The state-dict
     format is upstream's.
     """
 
-    # None: upstream's behaviour (warmup_tol=None), no staleness checks.
-    _fresh: Freshness | None = None
-    _warmup_tol: float = DEFAULT_WARMUP_TOL
-    _cache: EvalCache | None = None
+    # None only on an instance made outside apply(): upstream's behaviour.
+    _state: _core.State | None = None
     # The module this hook normalises, for __deepcopy__ (weak: the module holds the hook).
     _module: weakref.ref[nn.Module] | None = None
+
+    def view(self, module: nn.Module) -> _core.View:
+        return _core.View(
+            getattr(module, self.name + "_orig"),
+            getattr(module, self.name + "_u"),
+            getattr(module, self.name + "_v"),
+            self.dim,
+            self.eps,
+            self.n_power_iterations,
+            u_first=False,
+        )
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
         if self._module is None:  # after unpickling (the reference is not pickled)
             self._module = weakref.ref(module)
-        if torch.compiler.is_compiling():
-            # Compiled graphs get upstream's step: the watching and the eval cache work on
-            # tensor identities and version counters, which tracing does not see.  A compiled
-            # training step still ends the watching, as an eager one does.
-            if module.training and self._fresh is not None:
-                self._fresh.armed = False
-            setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
-            return
-        weight = getattr(module, self.name + "_orig")
-        fresh = self._fresh
-        if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, module.training):
-            self.warm_up(module, self._warmup_tol)
-        if EvalCache.applies(module.training, weight):
-            u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")
-            if self._cache is None:
-                self._cache = EvalCache()
-            normalised = self._cache.get(weight, u, v)
-            if normalised is None:
-                normalised = self._cache.put(self.compute_weight(module, False), weight, u, v)
-            setattr(module, self.name, normalised)
-            return
-        setattr(module, self.name, self.compute_weight(module, do_power_iteration=module.training))
-
+        setattr(module, self.name, _core.forward(self._state, self.view(module), module.training))
     def __deepcopy__(self, memo: dict[int, Any]) -> SpectralNorm:
         # After a forward with autograd on, `module.<name>` is W / sigma with its graph, and
         # torch refuses to deep-copy a non-leaf tensor, so upstream's modules cannot be
@@ -108,19 +94,8 @@ class SpectralNorm(_UpstreamSpectralNorm):
         return _power.weight_to_matrix(weight, self.dim)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
-        weight = getattr(module, self.name + "_orig")
-        u = getattr(module, self.name + "_u")
-        v = getattr(module, self.name + "_v")
-        W = self.reshape_weight_to_matrix(weight)
-        if do_power_iteration:
-            sigma = _power.power_iteration_(W, u, v, self.n_power_iterations, self.eps)
-            # see power_iteration_ on why the graph is built on clones
-            u = u.clone(memory_format=torch.contiguous_format)
-            v = v.clone(memory_format=torch.contiguous_format)
-        else:
-            with torch.no_grad():
-                sigma = _power.sigma(W, u, v)
-        return _power.normalise(weight, u, v, sigma, self.dim)
+        """Upstream's computation (upstream's ``remove`` calls it), with safe_norm's maths."""
+        return _core.forward(None, self.view(module), do_power_iteration)
 
     @staticmethod
     def apply(  # type: ignore[override]
@@ -136,30 +111,19 @@ class SpectralNorm(_UpstreamSpectralNorm):
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
         ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
-        if warmup_tol is not None:
-            ours.start(module, warmup_tol)
+        # Upstream sets `module.<name> = weight.data`: writes into it reach the parameter, as
+        # DCGAN-style `m.weight.data.normal_()` after registration expects.  A detached alias
+        # does the same, and an in-place op on it under autograd is checked as on the parameter.
+        setattr(module, name, getattr(module, name + "_orig").detach())
+        ours.start(module, warmup_tol)
         return ours
 
-    def start(self, module: nn.Module, tol: float) -> None:
-        """Registration's state: ``u``, ``v`` converged now, the weight watched until training."""
-        self._warmup_tol = tol
-        self._fresh = Freshness(armed=True)
-        # Upstream sets `module.<name> = weight.data`, whose in-place changes (a user's
-        # nn.init after registration) reach the parameter but not its version counter;
-        # a detached alias shares both, so such a change is seen.
-        setattr(module, self.name, getattr(module, self.name + "_orig").detach())
-        self.warm_up(module, tol)
-
-    def warm_up(self, module: nn.Module, tol: float = DEFAULT_WARMUP_TOL) -> _power.WarmUp:
-        """Converge ``<name>_u`` and ``<name>_v`` in place for the current weight."""
-        weight = getattr(module, self.name + "_orig")
-        u = getattr(module, self.name + "_u")
-        v = getattr(module, self.name + "_v")
-        result = _power.warm_up_(self.reshape_weight_to_matrix(weight), u, v, eps=self.eps, tol=tol)
-        if self._fresh is not None:
-            self._fresh.converged(weight)
-        warn_if_short(result, tol, f"{type(module).__name__}.{self.name} {tuple(weight.shape)}")
-        return result
+    def start(self, module: nn.Module, tol: float | None, *, converge: bool = True) -> None:
+        """safe_norm's state, on a hook that has upstream's: ``u``, ``v`` converged now (unless
+        ``converge`` is false: a trained layer taken over), the weight watched until training."""
+        self._state = _core.State(tol, watching=converge)
+        if converge and tol is not None:
+            _core.converge(self._state, self.view(module))
 
 
 def take_over(module: nn.Module, fn: _UpstreamSpectralNorm) -> SpectralNorm:
@@ -178,9 +142,9 @@ class _LoadPreHook(SpectralNormLoadStateDictPreHook):
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         super().__call__(*args, **kwargs)
-        fresh = getattr(self.fn, "_fresh", None)
-        if fresh is not None:
-            fresh.adopt()
+        state = getattr(self.fn, "_state", None)
+        if state is not None:
+            state.adopt()
 
 
 def spectral_norm(
@@ -260,8 +224,8 @@ def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
         getattr(module, name + "_u").copy_(u)
         getattr(module, name + "_v").copy_(v)
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, SpectralNorm) and hook.name == name and hook._fresh is not None:
-            hook._fresh.adopt()
+        if isinstance(hook, SpectralNorm) and hook.name == name and hook._state is not None:
+            hook._state.adopt()
 
 
 def remove_spectral_norm(module: T_module, name: str = "weight") -> T_module:

@@ -17,16 +17,14 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
-from . import _power
+from . import _core, _power
 from ._errors import (
     check_dtype,
     check_finite,
     check_not_empty,
     check_options,
     check_warmup_tol,
-    warn_if_short,
 )
-from ._fresh import EvalCache, Freshness
 from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
@@ -37,14 +35,11 @@ _UPSTREAM_WARMUP_ITERATIONS = 15
 
 
 class _SpectralNorm(_UpstreamSpectralNorm):
-    """Upstream's parametrization with a warm-up to tolerance instead of 15 fixed iterations,
-    re-run whenever the weight changes outside training (:mod:`safe_norm._fresh`).
+    """Upstream's parametrization with a warm-up to tolerance instead of 15 fixed iterations;
+    what its forward does is decided in :mod:`safe_norm._core`, as for the hook API.
 
     A subclass (same name, so the module prints as upstream's) so that ``isinstance`` checks
-    keep working.  Upstream's power step runs ``u`` first, then
-    ``v``, so the invariant after a step is ``v = normalize(Wᴴu)``; the shared maths in
-    :mod:`safe_norm._power` is written for the other order and is called here on ``Wᴴ`` with the
-    vectors swapped.
+    keep working.  Upstream's power step runs ``u`` first, then ``v``.
     """
 
     def __init__(
@@ -72,7 +67,8 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             )
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
-        if ndim > 1:  # a vector is normalised exactly by upstream's forward, no u, v
+        self._state: _core.State | None = None  # a vector is normalised exactly: no u, v
+        if ndim > 1:
             self.n_power_iterations = n_power_iterations
             weight_mat = self._reshape_weight_to_matrix(weight)
             h, w = weight_mat.size()
@@ -82,61 +78,39 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             if warmup_tol is None:
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
-        # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
-        self._add_state(warmup_tol, None if warmup_tol is None or ndim <= 1 else Freshness(force=True))
-
-    def _add_state(self, warmup_tol: float | None, fresh: Freshness | None) -> None:
-        """What safe_norm keeps beyond upstream's attributes."""
+            self._add_state(warmup_tol)
+            # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
         self.warmup_tol = warmup_tol
-        self._fresh = fresh
-        self._cache = EvalCache()
         self.register_load_state_dict_pre_hook(_adopt_on_load)
+
+    def _add_state(self, warmup_tol: float | None, *, watching: bool = True) -> None:
+        self.warmup_tol = warmup_tol
+        self._state = _core.State(warmup_tol, watching=watching)
+
+    def view(self, weight: Tensor) -> _core.View:
+        return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True)
 
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
-        if torch.compiler.is_compiling():
-            # As in the hook API: tracing sees no tensor identities or version counters.
-            if self.training and self._fresh is not None:
-                self._fresh.armed = False
-            return self._normalise(weight)
-        fresh = self._fresh
-        if fresh is not None and fresh.watching and fresh.needs_warm_up(weight, self.training):
-            self.warm_up(weight)
-        if EvalCache.applies(self.training, weight):
-            cached = self._cache.get(weight, self._u, self._v)
-            if cached is None:
-                cached = self._cache.put(self._normalise(weight), weight, self._u, self._v)
-            return cached
-        return self._normalise(weight)
+        return _core.forward(self._state, self.view(weight), self.training)
 
-    def _normalise(self, weight: Tensor) -> Tensor:
-        W = self._reshape_weight_to_matrix(weight)
-        if self.training:
-            # Wᴴ with u, v swapped: upstream's u-first order (see _power.power_iteration_)
-            sigma = _power.power_iteration_(W.mH, self._v, self._u, self.n_power_iterations, self.eps).conj()
+    def watch(self, weight: Tensor) -> None:
+        """Registration's state: ``u``, ``v`` converged for ``weight``, changes watched until the
+        first training forward (registration's own forward, which converged them, does not
+        count; its power step may have moved them since, so the reference is taken anew)."""
+        state = self._state
+        if state is None or state.tol is None:
+            return
+        state.watching = True
+        if state.ref is None:  # no forward at registration (unsafe), or a meta weight
+            _core.converge(state, self.view(weight))
         else:
-            with torch.no_grad():
-                sigma = _power.sigma(W, self._u, self._v)
-        # clones: see _power.power_iteration_
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = self._v.clone(memory_format=torch.contiguous_format)
-        return _power.normalise(weight, u, v, sigma, self.dim)
-
-    def warm_up(self, weight: Tensor) -> _power.WarmUp:
-        """Converge ``_u``, ``_v`` in place for ``weight``."""
-        tol = DEFAULT_WARMUP_TOL if self.warmup_tol is None else self.warmup_tol
-        with torch.no_grad():
-            W = self._reshape_weight_to_matrix(weight)
-            result = _power.warm_up_(W.mH, self._v, self._u, eps=self.eps, tol=tol)
-        if self._fresh is not None:
-            self._fresh.converged(weight)
-        warn_if_short(result, tol, f"a {tuple(weight.shape)} weight")
-        return result
+            _core.take_as_reference(state, self.view(weight))
 
     @torch.no_grad()
     def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
-        _power.power_iteration_(weight_mat.mH, self._v, self._u, n_power_iterations, self.eps)
+        _power.power_iteration_(weight_mat, self._u, self._v, n_power_iterations, self.eps, u_first=True)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Identity, as upstream; and ``u``, ``v`` are re-converged for ``value``.
@@ -144,24 +118,32 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         parametrize calls this on ``module.weight = X``: the next forward, train or eval,
         divides by a sigma valid for ``X`` (upstream keeps the previous weight's vectors).
         """
-        if self._fresh is not None:
-            self._fresh.force()
+        if self._state is not None:
+            self._state.force()
         return value
 
 
-def take_over(p: _UpstreamSpectralNorm, warmup_tol: float | None) -> _SpectralNorm:
-    """Make upstream's parametrization safe_norm's, state untouched; it behaves as one that has
-    trained (no watching; an assignment still re-converges, P2)."""
+def take_over(p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: Tensor | None = None) -> _SpectralNorm:
+    """Make upstream's parametrization safe_norm's, state untouched unless ``converge_for``
+    (the weight) is given; without it, it behaves as one that has trained (no watching; an
+    assignment still re-converges, P2)."""
     p.__class__ = _SpectralNorm
     ours = cast(_SpectralNorm, p)
-    ours._add_state(warmup_tol, None if warmup_tol is None else Freshness())
+    ours.register_load_state_dict_pre_hook(_adopt_on_load)
+    if hasattr(ours, "_u"):
+        ours._add_state(warmup_tol, watching=False)
+        if converge_for is not None and warmup_tol is not None:
+            ours._state.force()  # type: ignore[union-attr]
+            ours.watch(converge_for)
+    else:
+        ours._state, ours.warmup_tol = None, warmup_tol
     return ours
 
 
 def _adopt_on_load(module: _SpectralNorm, *args: object) -> None:
     # A load is not a weight change: the checkpoint's u, v belong to its weight.
-    if module._fresh is not None:
-        module._fresh.adopt()
+    if module._state is not None:
+        module._state.adopt()
 
 
 def spectral_norm(
@@ -236,8 +218,7 @@ def spectral_norm(
     check_finite(module, name, weight)
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
     parametrize.register_parametrization(module, name, sn)
-    if sn._fresh is not None:
-        sn._fresh.arm()  # registration's own forward does not count as training
+    sn.watch(cast(parametrize.ParametrizationList, module.parametrizations[name]).original)  # type: ignore[index]
     return module
 
 
@@ -256,5 +237,5 @@ def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
     with torch.no_grad():
         sn._u.copy_(u)
         sn._v.copy_(v)
-    if sn._fresh is not None:
-        sn._fresh.adopt()
+    if sn._state is not None:
+        sn._state.adopt()

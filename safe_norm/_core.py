@@ -1,0 +1,223 @@
+"""What a forward does: the one decision both APIs ask for, judged by the weight's content.
+
+Each normalised weight has a :class:`State`.  At a forward the API hands over its own
+:class:`View` of the weight and its vectors, and :func:`forward` decides:
+
+* **Re-converge?**  Until the first training forward the layer is *watching*: if the weight's
+  content changed since ``u``, ``v`` were converged for it — by any route: ``nn.init``,
+  ``.data`` writes, ``state_dict()`` tensors, ``.to()``, an EMA update — ``u``, ``v`` are
+  re-converged (from where they are) before the weight is used, in ``train()`` or ``eval()``.
+  The content is compared through ``W v``, the product the forward needs for sigma anyway: it
+  is kept bitwise from the last convergence.  Once a training forward has run, the power
+  iteration tracks the weight, exactly as upstream.
+* **Reuse the normalised weight?**  An eval forward with autograd off on the CPU reuses the
+  ``W / σ`` it built last, when ``W v``, ``u`` and ``v`` are bitwise the ones it was built from
+  and the cached tensor was not edited in place.  Otherwise it is rebuilt.  The cache is
+  dropped at the first training forward.
+* **Run the power step?**  In training, upstream's step, on upstream's vectors.
+
+A check defeated: a change of ``W`` that leaves ``W v`` bitwise equal (below rounding, or
+orthogonal to ``v`` on purpose), and an edit of the cached normalised weight through ``.data``
+(its version counter is the one thing not judged by content: reading it back would cost as
+much as rebuilding it).  Under ``torch.compile`` and on the meta device nothing is checked:
+upstream's step runs, and a meta weight is converged at its first forward on a real device.
+
+A load (``load_state_dict``) is not a change: the weight found at the next forward is taken
+with the checkpoint's ``u``, ``v``, which are kept exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _power
+from ._errors import warn_if_short
+
+__all__ = ["View", "State", "forward", "converge", "take_as_reference", "next_sigma"]
+
+# State.ref: take the W v found at the next forward as the reference, without re-converging
+_ADOPT = "adopt"
+
+
+class View(NamedTuple):
+    """One API's view of a normalised weight, as the forward finds it."""
+
+    weight: Tensor  # the tensor divided by its sigma (a parameter, or the parametrization input)
+    u: Tensor
+    v: Tensor
+    dim: int
+    eps: float
+    n_power_iterations: int
+    u_first: bool  # the parametrization API's power step updates u first
+
+    def matrix(self) -> Tensor:
+        return _power.weight_to_matrix(self.weight, self.dim)
+
+
+class _Cached(NamedTuple):
+    value: Tensor  # W / sigma
+    Wv: Tensor
+    u: Tensor
+    v: Tensor
+    inference: bool
+    version: int | None  # value's version counter (inference tensors have none)
+
+
+class State:
+    """safe_norm's state of one normalised weight, beyond upstream's buffers.
+
+    ``tol`` is the warm-up tolerance (``None``: never re-converge, as upstream).  ``ref`` is
+    ``W v`` as it was when ``u``, ``v`` were last converged for the weight; ``None`` means
+    "converge at the next forward" (registration on the meta device, an assignment through the
+    parametrization).
+    """
+
+    __slots__ = ("tol", "watching", "ref", "cache")
+
+    def __init__(self, tol: float | None, *, watching: bool = True) -> None:
+        self.tol = tol
+        self.watching = watching
+        self.ref: Tensor | str | None = None if watching else _ADOPT
+        self.cache: _Cached | None = None
+
+    def checks(self) -> bool:
+        """Whether the next forward compares the weight with :attr:`ref`."""
+        return self.tol is not None and (self.watching or self.ref is None)
+
+    def adopt(self) -> None:
+        """A load: the weight at the next forward is the checkpoint's, and so are ``u``, ``v``;
+        changes after that are watched again."""
+        self.watching, self.ref = True, _ADOPT
+
+    def force(self) -> None:
+        """Re-converge at the next forward, even after training has started."""
+        self.ref = None
+
+    def stale(self, Wv: Tensor) -> bool:
+        """Whether ``u``, ``v`` must be re-converged for the weight whose ``W v`` this is."""
+        ref = self.ref
+        return ref is None or (isinstance(ref, Tensor) and not _same(ref, Wv))
+
+    # Copies carry the decision (ref), not the cached weight, which is rebuilt when needed.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tol": self.tol, "watching": self.watching, "ref": self.ref}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
+        self.cache = None
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _untracked(weight: Tensor) -> bool:
+    """Where content cannot be read or compared: compiled graphs and meta tensors."""
+    return torch.compiler.is_compiling() or weight.is_meta
+
+
+def forward(state: State | None, view: View, training: bool) -> Tensor:
+    """The normalised weight for this forward (see the module docstring for the rules)."""
+    if state is None or _untracked(view.weight):
+        if training and state is not None:
+            state.watching, state.cache = False, None
+        return _normalised(view, training)
+    if training:
+        if state.checks():
+            with torch.no_grad():
+                _refresh(state, view, torch.mv(view.matrix().detach(), view.v))
+        state.watching, state.cache = False, None
+        return _normalised(view, True)
+    grad = torch.is_grad_enabled()
+    with torch.no_grad():
+        Wv = torch.mv(view.matrix().detach(), view.v)
+        if state.checks():
+            Wv = _refresh(state, view, Wv)
+    sigma = torch.vdot(view.u, Wv)
+    if grad or view.weight.device.type != "cpu":
+        # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
+        # synchronise with the device at every forward, for a division that costs less.
+        return _normalise(view, sigma)
+    cached = state.cache
+    if (
+        cached is not None
+        and cached.inference == torch.is_inference_mode_enabled()
+        and (cached.version is None or cached.version == cached.value._version)
+        and _same(cached.Wv, Wv)
+        and _same(cached.u, view.u)
+        and _same(cached.v, view.v)
+    ):
+        return cached.value
+    value = _normalise(view, sigma)
+    version = None if value.is_inference() else value._version
+    state.cache = _Cached(value, Wv, view.u.clone(), view.v.clone(), torch.is_inference_mode_enabled(), version)
+    return value
+
+
+def _refresh(state: State, view: View, Wv: Tensor) -> Tensor:
+    """Re-converge if the weight changed since :attr:`State.ref`; return the current ``W v``."""
+    if isinstance(state.ref, str):  # _ADOPT
+        state.ref = Wv
+        return Wv
+    if not state.stale(Wv):
+        return Wv
+    converge(state, view)
+    return state.ref  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def converge(state: State, view: View) -> _power.WarmUp:
+    """Converge ``u``, ``v`` in place for the weight, and take it as the reference.
+
+    Starts from the current vectors, so after a small change it stops within a few steps.  A
+    weight on the meta device is left for its first forward on a real device.
+    """
+    if view.weight.is_meta:
+        state.ref = None
+        return _power.WarmUp(0, math.inf)
+    tol = _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
+    W = view.matrix().detach()
+    result = _power.warm_up_(W, view.u, view.v, eps=view.eps, tol=tol, u_first=view.u_first)
+    take_as_reference(state, view)
+    warn_if_short(result, tol, f"a {tuple(view.weight.shape)} weight")
+    return result
+
+
+@torch.no_grad()
+def take_as_reference(state: State, view: View) -> None:
+    """``u``, ``v`` belong to the weight as it is now."""
+    state.ref = None if view.weight.is_meta else torch.mv(view.matrix().detach(), view.v)
+
+
+def _normalise(view: View, sigma: Tensor) -> Tensor:
+    # The graph (if any) is built on clones: a later power step writes the buffers in place.
+    u = view.u.clone(memory_format=torch.contiguous_format)
+    v = view.v.clone(memory_format=torch.contiguous_format)
+    return _power.normalise(view.weight, u, v, sigma, view.dim)
+
+
+def _normalised(view: View, training: bool) -> Tensor:
+    """Upstream's forward: a power step in training, then ``W / (uᴴ W v)``."""
+    W = view.matrix()
+    if training:
+        sigma = _power.power_iteration_(W, view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first)
+    else:
+        with torch.no_grad():
+            sigma = _power.sigma(W, view.u, view.v)
+    return _normalise(view, sigma)
+
+
+@torch.no_grad()
+def next_sigma(state: State | None, view: View) -> Tensor:
+    """What the next eval forward divides by, computed on copies: no state changes."""
+    W = view.matrix().detach()
+    u, v = view.u, view.v
+    if state is not None and state.checks() and state.stale(torch.mv(W, v)) and not W.is_meta:
+        u, v = u.clone(), v.clone()
+        tol = _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
+        _power.warm_up_(W, u, v, eps=view.eps, tol=tol, u_first=view.u_first)
+    return _power.sigma(W, u, v)
