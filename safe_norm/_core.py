@@ -12,14 +12,13 @@ Each normalised weight has a :class:`State`.  At a forward the API hands over it
   iteration tracks the weight, exactly as upstream.
 * **Reuse the normalised weight?**  An eval forward with autograd off on the CPU reuses the
   ``W / σ`` it built last, when ``W v``, ``u`` and ``v`` are bitwise the ones it was built from
-  and the cached tensor was not edited in place.  Otherwise it is rebuilt.  The cache is
-  dropped at the first training forward.
+  and the cached tensor times ``v`` is bitwise what it was (the tensor is handed out, and
+  ``m.weight.data`` can be written).  Otherwise it is rebuilt.  The cache is dropped at the
+  first training forward.
 * **Run the power step?**  In training, upstream's step, on upstream's vectors.
 
-A check defeated: a change of ``W`` that leaves ``W v`` bitwise equal (below rounding, or
-orthogonal to ``v`` on purpose), and an edit of the cached normalised weight through ``.data``
-(its version counter is the one thing not judged by content: reading it back would cost as
-much as rebuilding it).  Under ``torch.compile`` and on the meta device nothing is checked:
+What defeats the checks: a change of ``W`` (or of the handed-out ``W / σ``) that leaves its
+product with ``v`` bitwise equal — below rounding, or orthogonal to ``v`` on purpose.  Under ``torch.compile`` and on the meta device nothing is checked:
 upstream's step runs, and a meta weight is converged at its first forward on a real device.
 
 A load (``load_state_dict``) is not a change: the weight found at the next forward is taken
@@ -64,7 +63,7 @@ class _Cached(NamedTuple):
     u: Tensor
     v: Tensor
     inference: bool
-    version: int | None  # value's version counter (inference tensors have none)
+    value_v: Tensor  # value @ v: the handed-out tensor can be written too, through .data
 
 
 class State:
@@ -146,16 +145,21 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
     if (
         cached is not None
         and cached.inference == torch.is_inference_mode_enabled()
-        and (cached.version is None or cached.version == cached.value._version)
         and _same(cached.Wv, Wv)
         and _same(cached.u, view.u)
         and _same(cached.v, view.v)
+        and _same(cached.value_v, _times_v(cached.value, view))
     ):
         return cached.value
     value = _normalise(view, sigma)
-    version = None if value.is_inference() else value._version
-    state.cache = _Cached(value, Wv, view.u.clone(), view.v.clone(), torch.is_inference_mode_enabled(), version)
+    state.cache = _Cached(
+        value, Wv, view.u.clone(), view.v.clone(), torch.is_inference_mode_enabled(), _times_v(value, view)
+    )
     return value
+
+
+def _times_v(value: Tensor, view: View) -> Tensor:
+    return torch.mv(_power.weight_to_matrix(value, view.dim), view.v)
 
 
 def _refresh(state: State, view: View, Wv: Tensor) -> Tensor:
