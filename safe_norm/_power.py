@@ -244,8 +244,11 @@ def warm_up_(
     new_v, top_sigma, result = found
     # Vectors that already give a sigma this good are kept as they are: re-converging after a
     # change that was none (a DDP broadcast, a move, an equal copy) then alters no state.
-    current = sigma(Ws.to(new_v.dtype), u.to(new_v.dtype), v.to(new_v.dtype)).real.item()
-    if current >= top_sigma * (1 - tol * _SAFETY):
+    # Only unit vectors count: buffers of `to_empty()` or blended by an EMA over the state_dict
+    # can give any value of u^H W v.
+    a, b = u.to(new_v.dtype), v.to(new_v.dtype)
+    unit = max(abs(a.norm().item() - 1), abs(b.norm().item() - 1)) <= tol * _SAFETY
+    if unit and sigma(Ws.to(new_v.dtype), a, b).real.item() >= top_sigma * (1 - tol * _SAFETY):
         return result
     if not torch.isfinite(new_v).all():
         return WarmUp(result.steps, math.inf)
