@@ -12,13 +12,13 @@ registration on the module, completed by eager registration as soon as the param
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Pending", "initialize_now", "pending_hooks", "pending_on", "finish_lazy"]
 
@@ -50,17 +50,20 @@ class Pending:
         self.keys = keys
         self.restore = restore
         self._loaded: tuple[Tensor, Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
 
     def install(self, module: nn.Module) -> None:
-        module.register_forward_pre_hook(self)
-        module.register_load_state_dict_pre_hook(self.load_pre)
-        module.register_load_state_dict_post_hook(self.load_post)
+        self._handles = [
+            module.register_forward_pre_hook(self),
+            module.register_load_state_dict_pre_hook(self.load_pre),
+            module.register_load_state_dict_post_hook(self.load_post),
+        ]
 
     def ready(self, module: nn.Module) -> bool:
         return not is_lazy(getattr(module, self.name))
 
-    def complete(self, module: nn.Module) -> Any:
-        self.uninstall(module)
+    def complete(self, module: nn.Module, *, loading: bool = False) -> Any:
+        self.uninstall(module, loading=loading)
         finish_lazy(module)
         return self.register(module)
 
@@ -90,27 +93,29 @@ class Pending:
             return
         loaded, self._loaded = self._loaded, None
         if loaded is None:  # shapes came from a plain checkpoint: an ordinary registration
-            self.complete(module)
+            self.complete(module, loading=True)
             return
         weight = getattr(module, self.name)
         devices = [weight.device] if weight.is_cuda else []
         with torch.random.fork_rng(devices=devices):  # a load draws no random numbers
-            self.complete(module)
+            self.complete(module, loading=True)
         self.restore(module, *loaded)
 
-    def uninstall(self, module: nn.Module) -> None:
-        def ours(hook: Any) -> bool:
-            hook = getattr(hook, "hook", hook)  # torch's _WrappedHook
-            return hook is self or getattr(hook, "__self__", None) is self
+    def uninstall(self, module: nn.Module, *, loading: bool = False) -> None:
+        # Through the handles: the module's hook dicts stay the same objects, so users'
+        # handles keep working.  While torch runs the load post-hooks it iterates their dict
+        # (no entry may go), so from load_post our entry is swapped for an inert function.
+        forward, load_pre, load_post = self._handles
+        forward.remove()
+        load_pre.remove()
+        if loading:
+            module._load_state_dict_post_hooks[load_post.id] = _inert
+        else:
+            load_post.remove()
 
-        for hooks in (module._forward_pre_hooks, module._load_state_dict_pre_hooks):
-            for key in [k for k, h in hooks.items() if ours(h)]:
-                del hooks[key]
-        # From load_post this runs while torch iterates the post-hooks dict: deleting from it
-        # would break that loop, so the module gets a new dict without ours.
-        module._load_state_dict_post_hooks = OrderedDict(
-            (k, h) for k, h in module._load_state_dict_post_hooks.items() if not ours(h)
-        )
+
+def _inert(module: nn.Module, incompatible_keys: Any) -> None:
+    """What is left of a completed registration's load post-hook (see Pending.uninstall)."""
 
 
 def pending_hooks(module: nn.Module) -> list[Pending]:

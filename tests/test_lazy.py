@@ -218,3 +218,20 @@ def test_remove_spectral_norm_before_the_lazy_registration_completed():
     assert sorted(m.state_dict()) == ["bias", "weight"] and _no_pending(m)
     with pytest.raises(ValueError, match="not found"):
         safe_norm.remove_spectral_norm(m)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("completion", ["forward", "load_state_dict"])
+def test_users_hook_handles_keep_working_after_completion(api, completion):
+    ours, _ = APIS[api]
+    calls = []
+    m = ours(nn.LazyLinear(4))
+    handle = m.register_load_state_dict_post_hook(lambda module, keys: calls.append(1))
+    if completion == "forward":
+        m(torch.randn(2, 3))
+    else:
+        m.load_state_dict(ours(nn.Linear(3, 4)).state_dict())
+    calls.clear()
+    handle.remove()  # removes the user's hook from the dict the module still uses
+    m.load_state_dict(ours(nn.Linear(3, 4)).state_dict())
+    assert calls == []
