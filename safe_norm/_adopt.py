@@ -100,13 +100,16 @@ def guard(model: nn.Module) -> Guard:
 def convert(model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL) -> T_module:
     """Replace upstream's spectral norms in ``model`` (both APIs) with safe_norm's, in place.
 
-    The weight, ``u``, ``v``, names, ``state_dict`` and hook order stay exactly as they are; the
-    hook or parametrization object becomes safe_norm's class.  Layers that never trained
-    (:attr:`AuditRow.untrained`: upstream's random hook-API vectors, or its 15-step
-    parametrization warm-up with no training forward since) are warmed up to ``warmup_tol`` as
-    at safe_norm's registration; the others keep their vectors, so outputs in ``train()`` and
-    ``eval()`` are the source's (to float32 rounding in training, MIGRATION B2).  safe_norm's
-    layers are left alone.  ``warmup_tol=None`` warms nothing.  Returns ``model``.
+    The weights, names, ``state_dict`` keys and hook order stay exactly as they are; the hook
+    or parametrization object becomes safe_norm's class.  Hook-API layers that never trained
+    (:attr:`AuditRow.untrained`: random vectors, told from their content) are warmed up to
+    ``warmup_tol`` as at safe_norm's registration; trained ones keep their vectors, so their
+    outputs in ``train()`` and ``eval()`` are the source's (to float32 rounding in training,
+    MIGRATION B2).  Parametrization-API layers are warmed up whenever their sigma is off by more
+    than ``warmup_tol``: their vectors cannot tell upstream's 15 warm-up steps from training, so
+    a trained layer's sigma is refined too (its outputs move by its sigma error, towards the
+    exact value).  safe_norm's layers are left alone.  ``warmup_tol=None`` warms nothing.
+    Returns ``model``.
 
     Example::
 
@@ -121,7 +124,8 @@ def convert(model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL) -
     """
     found = [layer for layer in layers(model) if layer.library == "upstream"]
     for layer in found:
-        warm = warmup_tol is not None and untrained(layer)  # decided before anything changes
+        # decided before anything changes; a parametrization's state cannot tell (see above)
+        warm = warmup_tol is not None and untrained(layer) is not False
         if layer.api == "hook":
             hook = _spectral_norm.take_over(layer.module, layer.fn)
             hook.start(layer.module, warmup_tol, converge=warm)

@@ -6,7 +6,6 @@ Both work on safe_norm's layers and on upstream's (``torch.nn.utils.spectral_nor
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, cast
@@ -122,29 +121,18 @@ def looks_untrained(W: Tensor, u: Tensor, v: Tensor) -> bool:
     return cos is not None and cos < _ALIGNED  # no direction to compare with: nothing to tell
 
 
-@functools.lru_cache(maxsize=None)
-def _registration_versions(library: str) -> tuple[int, int]:
-    """Version counters of ``_u``, ``_v`` right after a parametrization API registration with
-    its fixed warm-up (probed, so that it follows the installed torch)."""
-    register = _upstream_parametrization if library == "upstream" else functools.partial(_parametrization, warmup_tol=None)
-    with torch.random.fork_rng(devices=[]):  # the probe's draws must not move the user's stream
-        p: Any = register(nn.Linear(3, 2)).parametrizations.weight[0]  # type: ignore[index,union-attr]
-    return p._u._version, p._v._version
-
-
-def untrained(layer: Layer) -> bool:
-    """Whether the layer's ``u``, ``v`` never saw a training forward and were never converged:
-    upstream's random draws (hook API), or upstream's 15 fixed warm-up steps (parametrization
-    API).  safe_norm's layers converge at registration, so they are never untrained unless built
-    with ``warmup_tol=None``."""
+def untrained(layer: Layer) -> bool | None:
+    """Whether the layer's ``u``, ``v`` never saw a training forward and were never converged
+    (hook API: upstream's random draws, decided from the vectors).  For upstream's
+    parametrization API the vectors cannot tell: its 15 warm-up steps align them as training
+    does, so the answer is ``None``.  safe_norm's layers converge at registration, so they are
+    never untrained unless built with ``warmup_tol=None``."""
     if warms(layer):
         return False
-    u, v = layer.vectors()
     if layer.api == "hook":
+        u, v = layer.vectors()
         return looks_untrained(_matrix(layer), u, v)
-    # The 15 steps align u and v, so state cannot tell; the version counters can (in this
-    # process: a training forward, a load or a copy into them moves them).
-    return (u._version, v._version) == _registration_versions(layer.library)
+    return None
 
 
 @dataclass(frozen=True)
