@@ -183,12 +183,21 @@ def converge(state: State, view: View) -> _power.WarmUp:
     if view.weight.is_meta:
         state.ref = None
         return _power.WarmUp(0, math.inf)
-    tol = _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
-    W = view.matrix().detach()
-    result = _power.warm_up_(W, view.u, view.v, eps=view.eps, tol=tol, u_first=view.u_first)
+    result = _warm_up(state, view, view.u, view.v)
     take_as_reference(state, view)
-    warn_if_short(result, tol, f"a {tuple(view.weight.shape)} weight")
+    warn_if_short(result, _tol(state), f"a {tuple(view.weight.shape)} weight")
     return result
+
+
+def _tol(state: State) -> float:
+    return _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
+
+
+def _warm_up(state: State, view: View, u: Tensor, v: Tensor) -> _power.WarmUp:
+    # Vectors converged for an earlier weight (an EMA step ago, say) are a good start.
+    warm = _power.WARM_STEPS if isinstance(state.ref, Tensor) else 0
+    W = view.matrix().detach()
+    return _power.warm_up_(W, u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first, warm_steps=warm)
 
 
 @torch.no_grad()
@@ -220,8 +229,7 @@ def next_sigma(state: State | None, view: View) -> Tensor:
     """What the next eval forward divides by, computed on copies: no state changes."""
     W = view.matrix().detach()
     u, v = view.u, view.v
-    if state is not None and state.checks() and state.stale(torch.mv(W, v)) and not W.is_meta:
+    if state is not None and state.checks() and not W.is_meta and state.stale(torch.mv(W, v)):
         u, v = u.clone(), v.clone()
-        tol = _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
-        _power.warm_up_(W, u, v, eps=view.eps, tol=tol, u_first=view.u_first)
+        _warm_up(state, view, u, v)
     return _power.sigma(W, u, v)
