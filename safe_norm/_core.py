@@ -138,12 +138,15 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
     grad = torch.is_grad_enabled()
     with torch.no_grad():
         Wv = torch.mv(view.matrix().detach(), view.v)
-        if state.checks():
-            Wv = _refresh(state, view, Wv)
+        changed = state.checks() and _refresh(state, view, Wv)
+        if changed:
+            Wv, state.cache = state.ref, None  # type: ignore[assignment]
     sigma = torch.vdot(view.u, Wv)
-    if grad or view.weight.device.type != "cpu":
+    if grad or view.weight.device.type != "cpu" or changed:
         # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
-        # synchronise with the device at every forward, for a division that costs less.
+        # synchronise with the device at every forward, for a division that costs less; a
+        # weight that just changed (an EMA copy, updated between forwards) is cached from its
+        # second forward on.
         return _normalise(view, sigma)
     cached = state.cache
     if (
@@ -166,15 +169,16 @@ def _times_v(value: Tensor, view: View) -> Tensor:
     return torch.mv(_power.weight_to_matrix(value, view.dim), view.v)
 
 
-def _refresh(state: State, view: View, Wv: Tensor) -> Tensor:
-    """Re-converge if the weight changed since :attr:`State.ref`; return the current ``W v``."""
+def _refresh(state: State, view: View, Wv: Tensor) -> bool:
+    """Re-converge if the weight changed since :attr:`State.ref` (then :attr:`State.ref` is the
+    new ``W v``); return whether it did."""
     if isinstance(state.ref, str):  # _ADOPT
         state.ref = Wv
-        return Wv
+        return False
     if not state.stale(Wv):
-        return Wv
+        return False
     converge(state, view, Wv)
-    return state.ref  # type: ignore[return-value]
+    return True
 
 
 @torch.no_grad()
