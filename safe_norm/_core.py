@@ -18,8 +18,10 @@ Each normalised weight has a :class:`State`.  At a forward the API hands over it
 * **Run the power step?**  In training, upstream's step, on upstream's vectors.
 
 What defeats the checks: a change of ``W`` (or of the handed-out ``W / σ``) that leaves its
-product with ``v`` bitwise equal — below rounding, or orthogonal to ``v`` on purpose.  Under ``torch.compile`` and on the meta device nothing is checked:
-upstream's step runs, and a meta weight is converged at its first forward on a real device.
+product with ``v`` bitwise equal — below rounding, or orthogonal to ``v`` on purpose.  Under
+``torch.compile``, ``torch.func`` transforms and forward-mode AD, and on the meta device,
+nothing is checked: upstream's step runs, and a meta weight is converged at its first forward
+on a real device.
 
 A load (``load_state_dict``) is not a change: the weight found at the next forward is taken
 with the checkpoint's ``u``, ``v``, which are kept exactly.
@@ -119,8 +121,9 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _untracked(weight: Tensor) -> bool:
-    """Where content cannot be read or compared: compiled graphs and meta tensors."""
-    return torch.compiler.is_compiling() or weight.is_meta
+    """Where content cannot be read or compared: compiled graphs, ``torch.func`` transforms
+    (a comparison is data-dependent control flow there) and meta tensors."""
+    return torch.compiler.is_compiling() or _power.transformed() or weight.is_meta
 
 
 def forward(state: State | None, view: View, training: bool) -> Tensor:

@@ -13,6 +13,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -90,6 +91,9 @@ def power_iteration_(
         # Under CUDA autocast mv would run in float16; the estimate is worth float32 (cheap).
         with torch.autocast(W.device.type, enabled=False):
             return power_iteration_(W, u, v, n_power_iterations, eps)
+    # u, v are constants of the normalisation: no_grad does not stop forward-mode AD (jvp), and
+    # a tangent of W written into the buffers in place would be an error.
+    W = W.detach()
     for _ in range(n_power_iterations):
         # .mH makes the step correct for complex weights too (the transpose for real ones)
         _normalize_into_(torch.mv(W.mH, u), v, eps)
@@ -133,12 +137,22 @@ def normalise(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> 
 
     ``sigma`` is that value, computed by the caller without a graph.  The gradient is upstream's
     (autograd through ``W / (uᵀWv)``) in closed form, ``g/σ - (⟨g, W⟩/σ²) u vᵀ``: one reduction
-    and one rank-one update instead of the op-by-op graph.  Complex weights take the plain
-    autograd path.
+    and one rank-one update instead of the op-by-op graph.  Complex weights, ``torch.func``
+    transforms and forward-mode AD take upstream's differentiable expression instead, whose
+    every derivative torch provides (a ctx-style ``autograd.Function`` is refused under
+    transforms, and one with ``setup_context`` costs more than this op on small weights).
     """
-    if weight.is_complex():
+    if weight.is_complex() or transformed():
         return weight / _usable(sigma_with_graph(weight, u, v, dim))
     return _Normalise.apply(weight, u, v, sigma, dim)
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, jvp, ...) or a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``) is active: the conditions under which
+    torch itself requires more of an ``autograd.Function`` than ``_Normalise`` provides.
+    Private torch names, both guarded by tests/test_func.py."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _usable(sigma: Tensor) -> Tensor:
