@@ -6,25 +6,27 @@ Each normalised weight has a :class:`State`.  At a forward the API hands over it
 * **Re-converge?**  Until the first training forward the layer is *watching*: if the weight's
   content changed since ``u``, ``v`` were converged for it — by any route: ``nn.init``,
   ``.data`` writes, ``state_dict()`` tensors, ``.to()``, an EMA update — ``u``, ``v`` are
-  re-converged (from where they are) before the weight is used, in ``train()`` or ``eval()``.
-  The content is compared through ``W v``, the product the forward needs for sigma anyway: it
-  is kept bitwise from the last convergence.  Once a training forward has run, the power
-  iteration tracks the weight, exactly as upstream.
+  re-converged (from where they are, after a small change) before the weight is used, in
+  ``train()`` or ``eval()``.  The content is compared through ``W r``, the product with a fixed
+  dense probe vector ``r``, kept bitwise from the last convergence.  Once a training forward
+  has run, the power iteration tracks the weight, exactly as upstream.
 * **Reuse the normalised weight?**  An eval forward with autograd off on the CPU reuses the
-  ``W / σ`` it built last, when ``W v``, ``u`` and ``v`` are bitwise the ones it was built from
-  and the cached tensor times ``v`` is bitwise what it was (the tensor is handed out, and
+  ``W / σ`` it built last, when ``W r``, ``u`` and ``v`` are bitwise the ones it was built from
+  and the cached tensor times ``r`` is bitwise what it was (the tensor is handed out, and
   ``m.weight.data`` can be written).  Otherwise it is rebuilt.  The cache is dropped at the
   first training forward.
 * **Run the power step?**  In training, upstream's step, on upstream's vectors.
 
 What defeats the checks: a change of ``W`` (or of the handed-out ``W / σ``) that leaves its
-product with ``v`` bitwise equal — below rounding, or orthogonal to ``v`` on purpose.  Under
-``torch.compile``, ``torch.func`` transforms and forward-mode AD, and on the meta device,
+product with ``r`` bitwise equal — below the rounding of that product, or built on purpose
+orthogonal to ``r``.  (``v`` itself would not do as the probe: it has exact zeros wherever a
+column of ``W`` is zero, and a write there would go unseen.)  Under ``torch.compile``,
+``torch.jit.trace``, ``torch.func`` transforms and forward-mode AD, and on the meta device,
 nothing is checked: upstream's step runs, and a meta weight is converged at its first forward
 on a real device.
 
-A load (``load_state_dict``) is not a change: the weight found at the next forward is taken
-with the checkpoint's ``u``, ``v``, which are kept exactly.
+A load (``load_state_dict``) of a checkpoint that holds the layer is not a change: the weight
+found at the next forward is taken with the checkpoint's ``u``, ``v``, which are kept exactly.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ._errors import warn_if_short
 
 __all__ = ["View", "State", "forward", "converge", "take_as_reference", "next_sigma"]
 
-# State.ref: take the W v found at the next forward as the reference, without re-converging
+# State.ref: take the content found at the next forward as the reference, without re-converging
 _ADOPT = "adopt"
 
 
@@ -61,28 +63,30 @@ class View(NamedTuple):
 
 class _Cached(NamedTuple):
     value: Tensor  # W / sigma
-    Wv: Tensor
+    Wr: Tensor
     u: Tensor
     v: Tensor
     inference: bool
-    value_v: Tensor  # value @ v: the handed-out tensor can be written too, through .data
+    value_r: Tensor  # value @ r: the handed-out tensor can be written too, through .data
 
 
 class State:
     """safe_norm's state of one normalised weight, beyond upstream's buffers.
 
     ``tol`` is the warm-up tolerance (``None``: never re-converge, as upstream).  ``ref`` is
-    ``W v`` as it was when ``u``, ``v`` were last converged for the weight; ``None`` means
+    ``W r`` as it was when ``u``, ``v`` were last converged for the weight; ``None`` means
     "converge at the next forward" (registration on the meta device, an assignment through the
-    parametrization).
+    parametrization).  ``label`` names the weight in warnings.
     """
 
-    __slots__ = ("tol", "watching", "ref", "cache")
+    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache")
 
-    def __init__(self, tol: float | None, *, watching: bool = True) -> None:
+    def __init__(self, tol: float | None, *, watching: bool = True, label: str = "") -> None:
         self.tol = tol
         self.watching = watching
         self.ref: Tensor | str | None = None if watching else _ADOPT
+        self.label = label
+        self.probe: Tensor | None = None
         self.cache: _Cached | None = None
 
     def checks(self) -> bool:
@@ -98,18 +102,28 @@ class State:
         """Re-converge at the next forward, even after training has started."""
         self.ref = None
 
-    def stale(self, Wv: Tensor) -> bool:
-        """Whether ``u``, ``v`` must be re-converged for the weight whose ``W v`` this is."""
+    def stale(self, Wr: Tensor) -> bool:
+        """Whether ``u``, ``v`` must be re-converged for the weight whose ``W r`` this is."""
         ref = self.ref
-        return ref is None or (isinstance(ref, Tensor) and not _same(ref, Wv))
+        return ref is None or (isinstance(ref, Tensor) and not _same(ref, Wr))
+
+    def content(self, W: Tensor) -> Tensor:
+        """``W r``, with the probe ``r`` made for ``W``'s width, dtype and device: a fixed-seed
+        dense vector (the caller's random stream is left as it is)."""
+        r = self.probe
+        if r is None or r.shape[0] != W.shape[1] or r.dtype != W.dtype or r.device != W.device:
+            generator = torch.Generator(W.device).manual_seed(_power.START_SEED)
+            real = torch.randn(W.shape[1], generator=generator, device=W.device, dtype=W.real.dtype)
+            r = self.probe = real.to(W.dtype)
+        return torch.mv(W, r)
 
     # Copies carry the decision (ref), not the cached weight, which is rebuilt when needed.
     def __getstate__(self) -> dict[str, Any]:
-        return {"tol": self.tol, "watching": self.watching, "ref": self.ref}
+        return {"tol": self.tol, "watching": self.watching, "ref": self.ref, "label": self.label}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
-        self.cache = None
+        self.label, self.probe, self.cache = state["label"], None, None
 
 
 def _comparable(a: Tensor, b: Tensor) -> bool:
@@ -121,9 +135,12 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _untracked(weight: Tensor) -> bool:
-    """Where content cannot be read or compared: compiled graphs, ``torch.func`` transforms
-    (a comparison is data-dependent control flow there) and meta tensors."""
-    return torch.compiler.is_compiling() or _power.transformed() or weight.is_meta
+    """Where content cannot be read or compared: compiled and traced graphs (a comparison
+    would be baked in), ``torch.func`` transforms (it is data-dependent control flow there) and
+    meta tensors."""
+    return (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or _power.transformed() or weight.is_meta
+    )
 
 
 def forward(state: State | None, view: View, training: bool) -> Tensor:
@@ -135,69 +152,71 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
     if training:
         if state.checks():
             with torch.no_grad():
-                _refresh(state, view, torch.mv(view.matrix().detach(), view.v))
+                _refresh(state, view, state.content(view.matrix().detach()))
         state.watching, state.cache = False, None
         return _normalised(view, True)
-    grad = torch.is_grad_enabled()
+    W = view.matrix().detach()
+    # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
+    # synchronise with the device at every forward, for a division that costs less.
+    cacheable = not torch.is_grad_enabled() and W.device.type == "cpu"
+    if not cacheable:
+        state.cache = None
     with torch.no_grad():
-        Wv = torch.mv(view.matrix().detach(), view.v)
-        changed = state.checks() and _refresh(state, view, Wv)
-        if changed:
-            Wv, state.cache = state.ref, None  # type: ignore[assignment]
-    sigma = torch.vdot(view.u, Wv)
-    if grad or view.weight.device.type != "cpu" or changed:
-        # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
-        # synchronise with the device at every forward, for a division that costs less; a
-        # weight that just changed (an EMA copy, updated between forwards) is cached from its
-        # second forward on.
-        return _normalise(view, sigma)
-    cached = state.cache
-    if (
-        cached is not None
-        and cached.inference == torch.is_inference_mode_enabled()
-        and _same(cached.Wv, Wv)
-        and _same(cached.u, view.u)
-        and _same(cached.v, view.v)
-        and _same(cached.value_v, _times_v(cached.value, view))
-    ):
-        return cached.value
+        Wr = state.content(W) if cacheable or state.checks() else None
+        if Wr is not None and state.checks() and _refresh(state, view, Wr):
+            # A weight that just changed (an EMA copy, updated between forwards) is cached
+            # from its next forward on.
+            cacheable, state.cache = False, None
+        cached = state.cache
+        if (
+            cacheable
+            and cached is not None
+            and cached.inference == torch.is_inference_mode_enabled()
+            and _same(cached.Wr, Wr)  # type: ignore[arg-type]
+            and _same(cached.u, view.u)
+            and _same(cached.v, view.v)
+            and _same(cached.value_r, _times_probe(state, cached.value, view))
+        ):
+            return cached.value
+        sigma = _power.sigma(W, view.u, view.v)
     value = _normalise(view, sigma)
-    state.cache = _Cached(
-        value, Wv, view.u.clone(), view.v.clone(), torch.is_inference_mode_enabled(), _times_v(value, view)
-    )
+    if cacheable:
+        state.cache = _Cached(value, Wr, view.u.clone(), view.v.clone(),  # type: ignore[arg-type]
+                              torch.is_inference_mode_enabled(), _times_probe(state, value, view))
     return value
 
 
-def _times_v(value: Tensor, view: View) -> Tensor:
-    return torch.mv(_power.weight_to_matrix(value, view.dim), view.v)
+def _times_probe(state: State, value: Tensor, view: View) -> Tensor:
+    return state.content(_power.weight_to_matrix(value, view.dim))
 
 
-def _refresh(state: State, view: View, Wv: Tensor) -> bool:
-    """Re-converge if the weight changed since :attr:`State.ref` (then :attr:`State.ref` is the
-    new ``W v``); return whether it did."""
+def _refresh(state: State, view: View, Wr: Tensor) -> bool:
+    """Re-converge if the weight changed since :attr:`State.ref`; return whether it did."""
     if isinstance(state.ref, str):  # _ADOPT
-        state.ref = Wv
+        state.ref = Wr
         return False
-    if not state.stale(Wv):
+    if not state.stale(Wr):
         return False
-    converge(state, view, Wv)
+    converge(state, view, Wr)
     return True
 
 
 @torch.no_grad()
-def converge(state: State, view: View, Wv: Tensor | None = None) -> _power.WarmUp:
+def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmUp:
     """Converge ``u``, ``v`` in place for the weight, and take it as the reference.
 
-    After a small change (``W v``, given or computed, close to the reference) it starts from
+    After a small change (``W r``, given or computed, close to the reference) it starts from
     the current vectors and stops within a few steps.  A weight on the meta device is left for
     its first forward on a real device.
     """
     if view.weight.is_meta:
         state.ref = None
         return _power.WarmUp(0, math.inf)
-    result = _warm_up(state, view, view.u, view.v, Wv)
-    take_as_reference(state, view)
-    warn_if_short(result, _tol(state), f"a {tuple(view.weight.shape)} weight")
+    W = view.matrix().detach()
+    Wr = state.content(W) if Wr is None else Wr
+    result = _warm_up(state, view, view.u, view.v, Wr)
+    state.ref = Wr  # the warm-up changed u, v, not W
+    warn_if_short(result, _tol(state), state.label or f"a {tuple(view.weight.shape)} weight")
     return result
 
 
@@ -205,29 +224,21 @@ def _tol(state: State) -> float:
     return _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
 
 
-#: Relative change of ``W v`` since the last convergence up to which the vectors count as a
-#: warm start.  Larger changes can move another singular value above the old top one, and
-#: Lanczos from the old top vector then settles below sigma_1 with a bound that does not show
-#: it (seen 2.7e-4 low after a half-way lerp to another initialisation).
-WARM_CHANGE = 1e-2
-
-
-def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wv: Tensor | None = None) -> _power.WarmUp:
-    W = view.matrix().detach()
+def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _power.WarmUp:
     ref = state.ref
     warm = False
-    if isinstance(ref, Tensor):
-        Wv = torch.mv(W, v) if Wv is None else Wv
-        warm = _comparable(ref, Wv) and bool((Wv - ref).norm() <= WARM_CHANGE * ref.norm())
+    if isinstance(ref, Tensor) and ref.shape == Wr.shape:
+        ref = ref.to(Wr)  # a move or a dtype change is a small change too
+        warm = bool((Wr - ref).norm() <= _power.WARM_CHANGE * ref.norm())
     steps = _power.WARM_STEPS if warm else 0
-    return _power.warm_up_(W, u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first,
+    return _power.warm_up_(view.matrix().detach(), u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
 @torch.no_grad()
 def take_as_reference(state: State, view: View) -> None:
     """``u``, ``v`` belong to the weight as it is now."""
-    state.ref = None if view.weight.is_meta else torch.mv(view.matrix().detach(), view.v)
+    state.ref = None if view.weight.is_meta else state.content(view.matrix().detach())
 
 
 def _normalise(view: View, sigma: Tensor) -> Tensor:
@@ -241,7 +252,9 @@ def _normalised(view: View, training: bool) -> Tensor:
     """Upstream's forward: a power step in training, then ``W / (uᴴ W v)``."""
     W = view.matrix()
     if training:
-        sigma = _power.power_iteration_(W, view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first)
+        sigma = _power.power_iteration_(
+            W, view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first
+        )
     else:
         with torch.no_grad():
             sigma = _power.sigma(W, view.u, view.v)
@@ -253,8 +266,9 @@ def next_sigma(state: State | None, view: View) -> Tensor:
     """What the next eval forward divides by, computed on copies: no state changes."""
     W = view.matrix().detach()
     u, v = view.u, view.v
-    Wv = None if W.is_meta else torch.mv(W, v)
-    if state is not None and state.checks() and Wv is not None and state.stale(Wv):
-        u, v = u.clone(), v.clone()
-        _warm_up(state, view, u, v, Wv)
+    if state is not None and state.checks() and not W.is_meta:
+        Wr = state.content(W)
+        if state.stale(Wr):
+            u, v = u.clone(), v.clone()
+            _warm_up(state, view, u, v, Wr)
     return _power.sigma(W, u, v)

@@ -14,13 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamParametrization
-from torch.nn.utils.parametrizations import spectral_norm as _upstream_parametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamHook
 
 from . import _core, _power
 from ._spectral_norm import SpectralNorm
 from .parametrizations import _SpectralNorm
-from .parametrizations import spectral_norm as _parametrization
 
 __all__ = ["sigma", "audit", "Audit", "AuditRow"]
 
@@ -231,10 +229,12 @@ def sigma(module: nn.Module, name: str = "weight") -> Tensor:
     """The sigma that ``module.<name>``'s next eval forward divides by, as a detached 0-d
     tensor on the weight's device.
 
-    Works on safe_norm's and upstream's spectral norms, hook or parametrization API alike; one
-    mat-vec, no host synchronisation, so it is cheap enough to log every step (neither upstream
-    API exposes it).  (Before the first training forward, a safe_norm layer whose weight was
-    changed re-converges at its next forward; the value returned is then that one.)
+    Works on safe_norm's and upstream's spectral norms, hook or parametrization API alike.  On
+    a trained layer (and on upstream's) it costs one mat-vec and no host synchronisation, so it
+    is cheap enough to log every step (neither upstream API exposes it).  Before the first
+    training forward a safe_norm layer also compares its weight with the one its ``u``, ``v``
+    were converged for (a synchronisation), and if it changed, the next forward re-converges:
+    the value returned is then that one, computed on copies.
 
     Example::
 

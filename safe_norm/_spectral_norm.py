@@ -94,8 +94,9 @@ class SpectralNorm(_UpstreamSpectralNorm):
         return _power.weight_to_matrix(weight, self.dim)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
-        """Upstream's computation (upstream's ``remove`` calls it), with safe_norm's maths."""
-        return _core.forward(None, self.view(module), do_power_iteration)
+        """What a forward computes (upstream's ``remove`` calls this: a weight changed since
+        the last convergence is re-converged before it is baked in)."""
+        return _core.forward(self._state, self.view(module), do_power_iteration)
 
     @staticmethod
     def apply(  # type: ignore[override]
@@ -111,17 +112,13 @@ class SpectralNorm(_UpstreamSpectralNorm):
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
         ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
-        # Upstream sets `module.<name> = weight.data`: writes into it reach the parameter, as
-        # DCGAN-style `m.weight.data.normal_()` after registration expects.  A detached alias
-        # does the same, and an in-place op on it under autograd is checked as on the parameter.
-        setattr(module, name, getattr(module, name + "_orig").detach())
-        ours.start(module, warmup_tol)
+        ours.start(module, warmup_tol, label=f"{type(module).__name__}.{name}")
         return ours
 
-    def start(self, module: nn.Module, tol: float | None, *, converge: bool = True) -> None:
+    def start(self, module: nn.Module, tol: float | None, *, converge: bool = True, label: str = "") -> None:
         """safe_norm's state, on a hook that has upstream's: ``u``, ``v`` converged now (unless
         ``converge`` is false: a trained layer taken over), the weight watched until training."""
-        self._state = _core.State(tol, watching=converge)
+        self._state = _core.State(tol, watching=converge, label=label)
         if converge and tol is not None:
             _core.converge(self._state, self.view(module))
 
@@ -140,10 +137,12 @@ def take_over(module: nn.Module, fn: _UpstreamSpectralNorm) -> SpectralNorm:
 class _LoadPreHook(SpectralNormLoadStateDictPreHook):
     """Upstream's load hook (old-format conversion), and: a load is not a weight change."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        super().__call__(*args, **kwargs)
+    def __call__(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super().__call__(state_dict, prefix, *args, **kwargs)
         state = getattr(self.fn, "_state", None)
-        if state is not None:
+        # Only a checkpoint that holds the layer (after upstream's conversion of the old
+        # format): a partial load leaves the others' pending re-convergence as it is.
+        if state is not None and all(prefix + self.fn.name + s in state_dict for s in ("_orig", "_u", "_v")):
             state.adopt()
 
 

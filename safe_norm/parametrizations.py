@@ -123,7 +123,9 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         return value
 
 
-def take_over(p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: Tensor | None = None) -> _SpectralNorm:
+def take_over(
+    p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: Tensor | None = None
+) -> _SpectralNorm:
     """Make upstream's parametrization safe_norm's, state untouched unless ``converge_for``
     (the weight) is given; without it, it behaves as one that has trained (no watching; an
     assignment still re-converges, P2)."""
@@ -140,9 +142,11 @@ def take_over(p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: 
     return ours
 
 
-def _adopt_on_load(module: _SpectralNorm, *args: object) -> None:
-    # A load is not a weight change: the checkpoint's u, v belong to its weight.
-    if module._state is not None:
+def _adopt_on_load(module: _SpectralNorm, state_dict: dict, prefix: str, *args: object) -> None:
+    # A load is not a weight change: the checkpoint's u, v belong to its weight.  Only a
+    # checkpoint that holds the layer (torch hands each module only its own entries, so its
+    # vectors tell): a partial load leaves a pending re-convergence as it is.
+    if module._state is not None and prefix + "_u" in state_dict and prefix + "_v" in state_dict:
         module._state.adopt()
 
 
@@ -217,6 +221,8 @@ def spectral_norm(
     check_not_empty(module, name, weight)
     check_finite(module, name, weight)
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
+    if sn._state is not None:
+        sn._state.label = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, sn)
     sn.watch(cast(parametrize.ParametrizationList, module.parametrizations[name]).original)  # type: ignore[index]
     return module

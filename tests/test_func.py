@@ -149,7 +149,7 @@ def test_export_and_trace_of_an_eval_model(api):
         expected = up(X)
         exported = torch.export.export(sn, (X,))
         _assert_close(exported.module()(X), expected)
-        traced = torch.jit.trace(sn, (X,), check_trace=False)
+        traced = torch.jit.trace(sn, (X,))
         _assert_close(traced(X), expected)
 
 

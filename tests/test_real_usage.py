@@ -300,3 +300,81 @@ def test_parametrize_cached_computes_once_as_upstream(mode):
         m(torch.randn(2, 16))
         assert torch.equal(sn_state(m)[1], u)  # cached: no second power step
         assert torch.allclose(w, up.weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_partial_load_keeps_a_pending_reconvergence(api, meta):
+    """A backbone-only checkpoint (strict=False) says nothing about the head: a head
+    re-initialised before it still re-converges (on meta: after to_empty, its vectors are
+    uninitialised memory and must not be taken as a checkpoint's)."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    backbone = nn.Linear(32, 64)
+    if meta:
+        with torch.device("meta"):
+            net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), ours(nn.Linear(64, 64)))
+        net.to_empty(device="cpu")
+        with torch.no_grad():
+            net[0].reset_parameters()
+            nn.init.kaiming_uniform_(_orig(net[2]), a=5**0.5)
+            nn.init.zeros_(net[2].bias)
+    else:
+        net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), ours(nn.Linear(64, 64)))
+        nn.init.normal_(_orig(net[2]).data, 0.0, 0.5)  # DCGAN-style, after registration
+    net.load_state_dict({"0." + k: t for k, t in backbone.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        net.eval()(torch.randn(3, 32))
+    assert _worst_error(net) <= TOL
+
+
+def test_remove_spectral_norm_bakes_in_the_reconverged_sigma():
+    m = safe_norm.spectral_norm(nn.Linear(64, 64))
+    nn.init.normal_(m.weight.data, 0.0, 0.5)  # m.weight aliases the parameter until a forward
+    safe_norm.remove_spectral_norm(m)
+    assert rel(torch.linalg.matrix_norm(m.weight.detach().double(), 2).item(), 1.0) <= TOL
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_write_into_a_zero_column_is_seen_by_the_eval_cache(api):
+    """v has exact zeros where W has zero columns (a power step keeps them): the content probe
+    is a dense vector, so a write there (an input channel added with zero weights, then set)
+    still rebuilds the cached weight, as upstream recomputes it."""
+    ours, theirs = APIS[api]
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3)
+    with torch.no_grad():
+        base.weight[:, 0] = 0
+    up, sn = theirs(copy.deepcopy(base)), ours(copy.deepcopy(base))
+    sn.load_state_dict(up.state_dict())
+    x = torch.eye(4)[:1]
+    for m in (up, sn):
+        m.train()(torch.randn(2, 4))
+        with torch.no_grad():
+            m.eval()(x)
+            _orig(m)[:, 0] = 0.5
+    with torch.no_grad():
+        assert torch.allclose(sn(x), up(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_jit_trace_of_an_eval_model_follows_its_weights(api):
+    """A traced graph runs upstream's computation (nothing compared or cached in it)."""
+    ours, theirs = APIS[api]
+    x = torch.randn(3, 8)
+    torch.manual_seed(0)
+    up = nn.Sequential(theirs(nn.Linear(8, 8)))
+    up.train()(x)
+    sn = nn.Sequential(ours(nn.Linear(8, 8)))
+    sn.load_state_dict(up.state_dict())
+    traced = []
+    for m in (sn, up):
+        m.eval()
+        with torch.no_grad():
+            m(x)  # a validation forward first: nothing of it may be baked into the trace
+            traced.append(torch.jit.trace(m, (x,)))  # check_trace on
+    with torch.no_grad():
+        assert torch.allclose(traced[0](x), traced[1](x), rtol=1e-6, atol=1e-7)
+        for m in (sn, up):
+            _orig(m[0]).mul_(-2)
+        assert torch.allclose(traced[0](x), traced[1](x), rtol=1e-6, atol=1e-7)
