@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -16,8 +18,14 @@ def _run(script: str) -> str:
     return run.stdout
 
 
-def test_bug_repro_shows_upstream_wrong_and_safe_norm_right_in_both_apis():
-    out = _run("examples/bug_repro.py")
+@pytest.fixture(scope="module")
+def bug_repro() -> str:
+    """The README's demo, run once for the tests below (it takes seconds)."""
+    return _run("examples/bug_repro.py")
+
+
+def test_bug_repro_shows_upstream_wrong_and_safe_norm_right_in_both_apis(bug_repro):
+    out = bug_repro
     errors = dict(re.findall(r"^\s+(upstream hook|upstream param\.|safe_norm hook|safe_norm param\.): (\S+)$", out, flags=re.M))
     assert len(errors) == 4, out
     assert float(errors["upstream hook"]) > 1.0, out
@@ -30,8 +38,8 @@ def test_bug_repro_shows_upstream_wrong_and_safe_norm_right_in_both_apis():
         assert abs(float(ours_hook)) < 1e-4 and abs(float(ours_param)) < 1e-4, out
 
 
-def test_bug_repro_follows_training_steps_from_the_eval_error():
-    out = _run("examples/bug_repro.py")
+def test_bug_repro_follows_training_steps_from_the_eval_error(bug_repro):
+    out = bug_repro
     table = out[out.index("then training forwards"):]
     rows = {m[1]: [float(x) for x in m[2].split()] for m in re.finditer(
         r"^\s+(upstream hook|upstream param\.|safe_norm hook|safe_norm param\.)\s+(\S.*)$", table, flags=re.M)}
