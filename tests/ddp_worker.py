@@ -49,11 +49,13 @@ def train(net: nn.Module, rank: int = 0, world: int = 1) -> dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def run(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections stay on the loopback device
+    # Rendezvous through a file: a port picked free in the parent can be taken by another
+    # process before rank 0 binds it (gloo then binds its own ports on the loopback address).
+    store = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         for api, lazy in CONFIGS:
             ddp = DistributedDataParallel(build(api, lazy))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -15,17 +14,11 @@ from .helpers import close
 TIME_LIMIT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_match_each_other_and_single_process(tmp_path):
     world = 2
     context = mp.start_processes(
-        ddp_worker.run, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+        ddp_worker.run, args=(world, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIME_LIMIT_S
     try:
