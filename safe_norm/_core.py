@@ -40,7 +40,7 @@ from torch import Tensor
 from . import _power
 from ._errors import warn_if_short
 
-__all__ = ["View", "State", "forward", "converge", "take_as_reference", "next_sigma"]
+__all__ = ["View", "State", "forward", "converge", "next_sigma"]
 
 # State.ref: take the content found at the next forward as the reference, without re-converging
 _ADOPT = "adopt"
@@ -233,12 +233,6 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _pow
     steps = _power.WARM_STEPS if warm else 0
     return _power.warm_up_(view.matrix().detach(), u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
-
-
-@torch.no_grad()
-def take_as_reference(state: State, view: View) -> None:
-    """``u``, ``v`` belong to the weight as it is now."""
-    state.ref = None if view.weight.is_meta else state.content(view.matrix().detach())
 
 
 def _normalise(view: View, sigma: Tensor) -> Tensor:

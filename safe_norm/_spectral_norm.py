@@ -65,6 +65,7 @@ class SpectralNorm(_UpstreamSpectralNorm):
         if self._module is None:  # after unpickling (the reference is not pickled)
             self._module = weakref.ref(module)
         setattr(module, self.name, _core.forward(self._state, self.view(module), module.training))
+
     def __deepcopy__(self, memo: dict[int, Any]) -> SpectralNorm:
         # After a forward with autograd on, `module.<name>` is W / sigma with its graph, and
         # torch refuses to deep-copy a non-leaf tensor, so upstream's modules cannot be

@@ -67,6 +67,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             )
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
+        self.warmup_tol = warmup_tol
         self._state: _core.State | None = None  # a vector is normalised exactly: no u, v
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
@@ -78,14 +79,9 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
             if warmup_tol is None:
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
-            self._add_state(warmup_tol)
-            # Otherwise the warm-up runs at the first forward (register_parametrization runs one).
-        self.warmup_tol = warmup_tol
+            # else the warm-up runs in the forward that register_parametrization makes
+            self._state = _core.State(warmup_tol)
         self.register_load_state_dict_pre_hook(_adopt_on_load)
-
-    def _add_state(self, warmup_tol: float | None, *, watching: bool = True) -> None:
-        self.warmup_tol = warmup_tol
-        self._state = _core.State(warmup_tol, watching=watching)
 
     def view(self, weight: Tensor) -> _core.View:
         return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True)
@@ -98,15 +94,13 @@ class _SpectralNorm(_UpstreamSpectralNorm):
     def watch(self, weight: Tensor) -> None:
         """Registration's state: ``u``, ``v`` converged for ``weight``, changes watched until the
         first training forward (registration's own forward, which converged them, does not
-        count; its power step may have moved them since, so the reference is taken anew)."""
+        count)."""
         state = self._state
         if state is None or state.tol is None:
             return
         state.watching = True
         if state.ref is None:  # no forward at registration (unsafe), or a meta weight
             _core.converge(state, self.view(weight))
-        else:
-            _core.take_as_reference(state, self.view(weight))
 
     @torch.no_grad()
     def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
@@ -132,13 +126,11 @@ def take_over(
     p.__class__ = _SpectralNorm
     ours = cast(_SpectralNorm, p)
     ours.register_load_state_dict_pre_hook(_adopt_on_load)
-    if hasattr(ours, "_u"):
-        ours._add_state(warmup_tol, watching=False)
-        if converge_for is not None and warmup_tol is not None:
-            ours._state.force()  # type: ignore[union-attr]
-            ours.watch(converge_for)
-    else:
-        ours._state, ours.warmup_tol = None, warmup_tol
+    ours.warmup_tol = warmup_tol
+    ours._state = _core.State(warmup_tol, watching=False) if hasattr(ours, "_u") else None
+    if ours._state is not None and converge_for is not None and warmup_tol is not None:
+        ours._state.force()
+        ours.watch(converge_for)
     return ours
 
 
