@@ -16,6 +16,7 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
+    license_files=["LICENSE"],  # says which parts derive from PyTorch
     packages=find_packages(include=["safe_norm", "safe_norm.*"]),
     package_data={"safe_norm": ["py.typed"]},
     python_requires=">=3.10",
