@@ -41,7 +41,7 @@ def load(path: str, *, unsafe_pickle: bool = False) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # the latter: torch < 2.4
             raise CheckpointError(
                 f"{path}: holds pickled Python objects, which weights_only loading refuses; "
                 "pass --unsafe-pickle only if you trust the file (unpickling can run code)"

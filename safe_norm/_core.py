@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _power
+from . import _compat, _power
 from ._errors import warn_if_short
 
 __all__ = ["View", "State", "forward", "converge", "next_sigma"]
@@ -139,7 +139,11 @@ def _untracked(weight: Tensor) -> bool:
     would be baked in), ``torch.func`` transforms (it is data-dependent control flow there) and
     meta tensors."""
     return (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or _power.transformed() or weight.is_meta
+        _compat.is_compiling()
+        or torch.jit.is_tracing()
+        or _power.transformed()
+        or weight.is_meta
+        or _compat.is_fake(weight)
     )
 
 

@@ -20,6 +20,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
+from . import _compat
+
 __all__ = ["Pending", "initialize_now", "pending_hooks", "pending_on", "finish_lazy"]
 
 # register(module) does the eager registration; it returns the hook to run once in the forward
@@ -55,7 +57,7 @@ class Pending:
     def install(self, module: nn.Module) -> None:
         self._handles = [
             module.register_forward_pre_hook(self),
-            module.register_load_state_dict_pre_hook(self.load_pre),
+            _compat.register_load_pre_hook(module, self.load_pre),
             module.register_load_state_dict_post_hook(self.load_post),
         ]
 

@@ -17,6 +17,8 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _compat
+
 __all__ = [
     "default_dim",
     "weight_to_matrix",
@@ -87,7 +89,7 @@ def power_iteration_(
         return power_iteration_(W.mH, v, u, n_power_iterations, eps).conj()
     if n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
-    if not W.is_meta and torch.is_autocast_enabled(W.device.type):
+    if not W.is_meta and _compat.autocast_enabled(W.device.type):
         # Under CUDA autocast mv would run in float16; the estimate is worth float32 (cheap).
         with torch.autocast(W.device.type, enabled=False):
             return power_iteration_(W, u, v, n_power_iterations, eps)
@@ -152,6 +154,8 @@ def transformed() -> bool:
     level (``torch.autograd.forward_ad.dual_level``) is active: the conditions under which
     torch itself requires more of an ``autograd.Function`` than ``_Normalise`` provides.
     Private torch names, both guarded by tests/test_func.py."""
+    if _compat.TORCH < (2, 5) and _compat.is_compiling():  # torch 2.4's dynamo cannot trace the query
+        return False
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 

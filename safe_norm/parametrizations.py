@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
-from . import _core, _power
+from . import _compat, _core, _power
 from ._errors import (
     check_dtype,
     check_finite,
@@ -81,7 +81,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
             # else the warm-up runs in the forward that register_parametrization makes
             self._state = _core.State(warmup_tol)
-        self.register_load_state_dict_pre_hook(_adopt_on_load)
+        _compat.register_load_pre_hook(self, _adopt_on_load)
 
     def view(self, weight: Tensor) -> _core.View:
         return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True)
@@ -125,7 +125,7 @@ def take_over(
     assignment still re-converges, P2)."""
     p.__class__ = _SpectralNorm
     ours = cast(_SpectralNorm, p)
-    ours.register_load_state_dict_pre_hook(_adopt_on_load)
+    _compat.register_load_pre_hook(ours, _adopt_on_load)
     ours.warmup_tol = warmup_tol
     ours._state = _core.State(warmup_tol, watching=False) if hasattr(ours, "_u") else None
     if ours._state is not None and converge_for is not None and warmup_tol is not None:

@@ -37,7 +37,8 @@ def patched(tmp_path_factory):
         subprocess.run(["patch", "-p1"], input=diff, text=True, cwd=root, check=True)
     else:
         pytest.skip("neither git nor patch is installed")
-    spec = importlib.util.spec_from_file_location("patched_spectral_norm", target)
+    # named inside torch.nn.utils: up to torch 2.4 the file imports relatively (from ..modules)
+    spec = importlib.util.spec_from_file_location("torch.nn.utils._patched_spectral_norm", target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,53 @@
+"""What differs between the torch releases safe_norm runs on, in one place.
+
+Each shim names the release that made it necessary; delete it when the supported range no
+longer reaches below that release.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["TORCH", "register_load_pre_hook", "is_compiling", "autocast_enabled", "is_fake"]
+
+#: (major, minor) of the installed torch.
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def register_load_pre_hook(module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
+    """``module.register_load_state_dict_pre_hook(hook)``: public from torch 2.5; before it,
+    the private form with ``with_module=True`` takes the same hook."""
+    register = getattr(module, "register_load_state_dict_pre_hook", None)
+    if register is not None:
+        return register(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+# torch.compiler.is_compiling exists from torch 2.3; torch._dynamo's before it.
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def is_compiling() -> bool:
+    return _is_compiling()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``: the argument form exists from torch 2.4."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """A fake tensor of an export trace: torch 2.5 to 2.7 export without reporting
+    ``is_compiling()``, and a value comparison on a fake tensor cannot be answered."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
