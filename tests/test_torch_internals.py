@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrizations
 
-from safe_norm import _patch
+from safe_norm import _compat, _patch
 
 
 def _why(name: str, where: str) -> str:
@@ -54,7 +54,7 @@ def test_module_hook_dicts():
     for name in ("_forward_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         assert isinstance(getattr(m, name, None), dict), _why(
             f"Module.{name}", "safe_norm/_spectral_norm.py, _lazy.py, _inspect.py, _errors.py")
-    handle = m.register_load_state_dict_pre_hook(lambda *a: None)
+    handle = _compat.register_load_pre_hook(m, lambda *a: None)
     wrapped = m._load_state_dict_pre_hooks[handle.id]
     assert callable(getattr(wrapped, "hook", wrapped)), _why(
         "the wrapping of load pre-hooks (_WrappedHook.hook)", "safe_norm/_spectral_norm.py")
