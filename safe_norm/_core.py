@@ -135,9 +135,9 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def _untracked(weight: Tensor) -> bool:
-    """Where content cannot be read or compared: compiled and traced graphs (a comparison
-    would be baked in), ``torch.func`` transforms (it is data-dependent control flow there) and
-    meta tensors."""
+    """Where content cannot be read or compared: compiled, traced and exported graphs (a
+    comparison would be baked in, or cannot be answered on fake tensors), ``torch.func``
+    transforms (it is data-dependent control flow there) and meta tensors."""
     return (
         _compat.is_compiling()
         or torch.jit.is_tracing()
