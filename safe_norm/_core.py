@@ -112,9 +112,7 @@ class State:
         dense vector (the caller's random stream is left as it is)."""
         r = self.probe
         if r is None or r.shape[0] != W.shape[1] or r.dtype != W.dtype or r.device != W.device:
-            generator = torch.Generator(W.device).manual_seed(_power.START_SEED)
-            real = torch.randn(W.shape[1], generator=generator, device=W.device, dtype=W.real.dtype)
-            r = self.probe = real.to(W.dtype)
+            r = self.probe = _power.fixed_draw(W.shape[1], like=W)
         return torch.mv(W, r)
 
     # Copies carry the decision (ref), not the cached weight, which is rebuilt when needed.

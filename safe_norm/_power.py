@@ -302,6 +302,14 @@ def warm_up_(
 #: runs with (a start drawn from the stream the weight was drawn from is correlated with it).
 START_SEED = 0x5AFE_5EED
 
+def fixed_draw(n: int, like: Tensor) -> Tensor:
+    """A dense random vector of length ``n`` in ``like``'s dtype and device, the same at every
+    call: drawn from a private generator, so the caller's random stream is left as it is."""
+    generator = torch.Generator(like.device).manual_seed(START_SEED)
+    draw = torch.randn(n, generator=generator, device=like.device, dtype=like.real.dtype)
+    return draw.to(like.dtype)
+
+
 #: Relative change of the weight's content (its product with a probe vector) since the last
 #: convergence up to which the vectors count as a warm start.  Larger changes can move another
 #: singular value above the old top one, and Lanczos from the old top vector then settles below
@@ -354,8 +362,7 @@ def _lanczos_top(
     if fresh_start or not usable:
         # A fixed-seed draw, so that the caller's random stream is left as it is (also where
         # there is no start: buffers of `to_empty()`, vectors zeroed by a user).
-        generator = torch.Generator(start.device).manual_seed(START_SEED)
-        start = torch.randn(start.shape, generator=generator, device=start.device, dtype=start.real.dtype)
+        start = fixed_draw(start.shape[0], like=start)
         norm = start.norm()
     Vs[0] = start / norm
     best: tuple[int, Tensor, float, float] | None = None
