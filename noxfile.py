@@ -38,8 +38,12 @@ def tests(session: nox.Session, torch: str) -> None:
     keep = "--keep-venv" in session.posargs
     started = time.monotonic()
     # numpy 2 breaks the extensions of torch releases built against numpy 1 (before 2.3)
-    numpy = "numpy<2" if tuple(map(int, torch.split(".")[:2])) < (2, 3) else "numpy"
-    session.install(f"torch=={torch}", numpy, *TOOLS)
+    release = tuple(map(int, torch.split(".")[:2]))
+    numpy = "numpy<2" if release < (2, 3) else "numpy"
+    # inductor imports pkg_resources before torch 2.4, and new venvs no longer hold setuptools
+    extra = ["setuptools<81"] if release < (2, 4) else []
+    # an empty constraint lifts a workplace pip cap (here: torch<=2.14.1) for the newest release
+    session.install(f"torch=={torch}", numpy, *extra, *TOOLS, env={"PIP_CONSTRAINT": ""})
     session.install("--no-deps", ".")
     installed = time.monotonic() - started
     RESULTS.mkdir(parents=True, exist_ok=True)

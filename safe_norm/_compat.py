@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["TORCH", "register_load_pre_hook", "is_compiling", "autocast_enabled", "is_fake"]
@@ -36,18 +37,31 @@ def is_compiling() -> bool:
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``: the argument form exists from torch 2.4."""
-    try:
+    """``torch.is_autocast_enabled(device_type)``: the argument form exists from torch 2.4.
+
+    Decided by version, not by catching the ``TypeError``: under ``torch.compile`` of torch 2.1
+    to 2.3 the error surfaces as a dynamo internal error instead."""
+    if TORCH >= (2, 4):
         return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled()
+
+
+try:  # torch 2.2 on
+    from torch._subclasses.functional_tensor import FunctionalTensor as _FunctionalTensor
+except ImportError:  # torch 2.1 functionalises with C++ wrappers only
+    _FunctionalTensor = torch.Tensor  # an isinstance check that only the wrapper test decides
 
 
 def is_fake(tensor: torch.Tensor) -> bool:
-    """A fake tensor of an export trace: torch 2.5 to 2.7 export without reporting
-    ``is_compiling()``, and a value comparison on a fake tensor cannot be answered."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)
+    """A tensor of a compile or export trace: fake, or functionalised around a fake.  torch
+    2.5 to 2.7 export, and torch 2.1 to 2.3 compile a parametrization's forward (an opaque
+    module call to dynamo there), without reporting ``is_compiling()``; a value comparison on
+    such a tensor cannot be answered.  (Eager ``torch.func.functionalize`` is a functorch
+    transform, caught before this.)"""
+    return (
+        (_FunctionalTensor is not torch.Tensor and isinstance(tensor, _FunctionalTensor))
+        or torch._is_functional_tensor(tensor)
+        or bool(_torch_is_fake(tensor))
+    )

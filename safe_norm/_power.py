@@ -107,7 +107,7 @@ def power_iteration_(
 
 
 # float16 / bfloat16 vectors: norms and sigma are accumulated in float32.
-_HALF = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
@@ -119,7 +119,8 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
     loaded.  Kept vectors let the iteration resume as soon as the weight is usable.  Branch-free:
     no host synchronisation in the training step.
     """
-    norm = torch.linalg.vector_norm(x, dim=0, keepdim=True, dtype=_HALF.get(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=0, keepdim=True,
+                                    dtype=torch.float32 if x.dtype in _HALF else None)
     # usable: eps < norm < inf, in two ops (NaN and inf fail the equality).  The norm is at
     # least float32, so eps=1e-12 does not round to 0 here as it would in float16.
     usable = norm.clamp(eps, torch.finfo(norm.dtype).max) == norm
@@ -144,7 +145,7 @@ def normalise(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> 
     every derivative torch provides (a ctx-style ``autograd.Function`` is refused under
     transforms, and one with ``setup_context`` costs more than this op on small weights).
     """
-    if weight.is_complex() or transformed():
+    if weight.dtype.is_complex or transformed():
         return weight / _usable(sigma_with_graph(weight, u, v, dim))
     return _Normalise.apply(weight, u, v, sigma, dim)
 

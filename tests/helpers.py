@@ -6,6 +6,7 @@ import copy
 import functools
 import io
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations as upstream_parametrizations
@@ -20,6 +21,21 @@ APIS = {
     "hook": (safe_norm.spectral_norm, upstream_spectral_norm),
     "parametrization": (safe_norm.parametrizations.spectral_norm, upstream_parametrizations.spectral_norm),
 }
+
+
+
+def _cpu_float16_mv() -> bool:
+    try:
+        torch.mv(torch.ones(1, 1, dtype=torch.float16), torch.ones(1, dtype=torch.float16))
+    except RuntimeError:  # "addmv_impl_cpu" not implemented for 'Half' (torch 2.1)
+        return False
+    return True
+
+
+CPU_FLOAT16_MV = _cpu_float16_mv()
+#: For tests of float16 weights on the CPU: both APIs, upstream's too, need torch.mv there.
+NEEDS_CPU_FLOAT16_MV = pytest.mark.skipif(
+    not CPU_FLOAT16_MV, reason="this torch has no CPU float16 torch.mv (upstream raises the same)")
 
 # name -> (factory, dim).  Default-initialised, as users build them.
 ZOO = {

@@ -8,10 +8,16 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from safe_norm import _compat
+
 from .helpers import APIS, close
 
 pytestmark = pytest.mark.slow
-REPORT: list[str] = []  # printed at the end of the run by conftest.py
+REPORT: list[str] = []
+# Before torch 2.4 dynamo compiles each forward pre-hook call as a frame of its own (it skips
+# upstream's hook altogether: explain sees no graph), so the second hooked layer counts as a
+# break without a reason; nothing in the hook breaks the graph.
+HOOKS_INLINED = _compat.TORCH >= (2, 4)  # printed at the end of the run by conftest.py
 
 
 def _mlp(sn):
@@ -40,7 +46,9 @@ def test_compiled_matches_eager_without_breaks_or_recompiles(api, model):
         getattr(eager, mode)()
         explanation = torch._dynamo.explain(eager)(torch.randn(*shape))
         REPORT.append(f"{api:15s} {model.__name__[1:]:8s} {mode:5s}: {explanation.graph_break_count} graph breaks")
-        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert not explanation.break_reasons
+        if HOOKS_INLINED:
+            assert explanation.graph_break_count == 0
     torch._dynamo.reset()
     compiled = torch.compile(compiled_net)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)

@@ -11,7 +11,7 @@ from torch import nn
 
 import safe_norm
 
-from .helpers import APIS, close, exact_sigma, rel, sn_state, trained, twin, used_sigma
+from .helpers import APIS, NEEDS_CPU_FLOAT16_MV, close, exact_sigma, rel, sn_state, trained, twin, used_sigma
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -100,7 +100,7 @@ def test_torch_save_whole_module(api):
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float16, marks=NEEDS_CPU_FLOAT16_MV), torch.bfloat16])
 def test_dtype_moves(api, dtype):
     ours, _ = APIS[api]
     net = trained(ours)

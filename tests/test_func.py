@@ -147,8 +147,13 @@ def test_export_and_trace_of_an_eval_model(api):
     sn, up = _pair(api, "eval")
     with torch.no_grad():
         expected = up(X)
-        exported = torch.export.export(sn, (X,))
-        _assert_close(exported.module()(X), expected)
+        try:
+            torch.export.export(up, (X,))
+        except Exception as upstreams:  # torch < 2.5 cannot export a pre-hook's setattr
+            with pytest.raises(type(upstreams)):
+                torch.export.export(sn, (X,))
+        else:
+            _assert_close(torch.export.export(sn, (X,)).module()(X), expected)
         traced = torch.jit.trace(sn, (X,))
         _assert_close(traced(X), expected)
 

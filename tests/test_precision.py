@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from .helpers import APIS, exact_sigma, rel, sn_state, used_sigma
+from .helpers import APIS, CPU_FLOAT16_MV, NEEDS_CPU_FLOAT16_MV, exact_sigma, rel, sn_state, used_sigma
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=NEEDS_CPU_FLOAT16_MV), torch.bfloat16])
 def test_half_weights_register_train_and_keep_their_dtype(api, dtype):
     ours, theirs = APIS[api]
     torch.manual_seed(0)
@@ -29,6 +31,17 @@ def test_half_weights_register_train_and_keep_their_dtype(api, dtype):
 
 
 @pytest.mark.parametrize("api", APIS)
+@pytest.mark.skipif(CPU_FLOAT16_MV, reason="this torch has a CPU float16 torch.mv")
+def test_cpu_float16_without_a_kernel_raises_as_upstream(api):
+    ours, theirs = APIS[api]
+    with pytest.raises(RuntimeError) as upstreams:
+        theirs(nn.Linear(8, 4).half())(torch.randn(2, 8).half())
+    with pytest.raises(RuntimeError, match=re.escape(str(upstreams.value))):
+        ours(nn.Linear(8, 4).half())
+
+
+@pytest.mark.parametrize("api", APIS)
+@NEEDS_CPU_FLOAT16_MV
 def test_float16_zero_weight_despite_eps_underflow(api):
     """eps=1e-12 is 0 in float16: the guard must not rely on it."""
     ours, theirs = APIS[api]

@@ -78,6 +78,22 @@ def test_transform_detection():
         "torch.autograd.forward_ad._current_level", "safe_norm/_power.py transformed")
 
 
+def test_fake_tensor_detection():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2)
+    assert _compat.is_fake(fake) and not _compat.is_fake(torch.empty(2)), _why(
+        "torch._subclasses.fake_tensor.is_fake", "safe_norm/_compat.py is_fake")
+    assert callable(getattr(torch, "_is_functional_tensor", None)), _why(
+        "torch._is_functional_tensor", "safe_norm/_compat.py is_fake")
+    if _compat.TORCH >= (2, 2):
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        assert _compat._FunctionalTensor is FunctionalTensor, _why(
+            "torch._subclasses.functional_tensor.FunctionalTensor", "safe_norm/_compat.py is_fake")
+
+
 def test_patch_anchor_is_in_the_installed_source():
     with open(_patch.upstream_source_path(), encoding="utf-8") as f:
         source = f.read()
