@@ -20,8 +20,9 @@ setup(
     packages=find_packages(include=["safe_norm", "safe_norm.*"]),
     package_data={"safe_norm": ["py.typed"]},
     python_requires=">=3.10",
-    # The tested range: CI runs torch 2.13.0.  Older torch is likely fine but is not tested.
-    install_requires=["torch>=2.13"],
+    # The tested range: every minor release from 2.1 (noxfile.py, README "Supported versions");
+    # CI runs 2.13.0 and the oldest, 2.1.2.
+    install_requires=["torch>=2.1"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100"],
         "plot": ["matplotlib>=3.5"],  # python -m safe_norm demo --plot
