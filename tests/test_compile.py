@@ -13,11 +13,11 @@ from safe_norm import _compat
 from .helpers import APIS, close
 
 pytestmark = pytest.mark.slow
-REPORT: list[str] = []
-# Before torch 2.4 dynamo compiles each forward pre-hook call as a frame of its own (it skips
+REPORT: list[str] = []  # printed at the end of the run by conftest.py
+# Up to torch 2.4 dynamo compiles each forward pre-hook call as a frame of its own (it skips
 # upstream's hook altogether: explain sees no graph), so the second hooked layer counts as a
 # break without a reason; nothing in the hook breaks the graph.
-HOOKS_INLINED = _compat.TORCH >= (2, 4)  # printed at the end of the run by conftest.py
+HOOKS_INLINED = _compat.TORCH >= (2, 5)
 
 
 def _mlp(sn):
