@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from torch import nn
 
 from . import _checkpoint, _demo, _inspect
-from ._patch import upstream_patch
+from ._patch import HOOK_FILE, format_series, series, write_series
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -30,6 +31,19 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upstream_patch(args: argparse.Namespace) -> int:
+    torch_root = None
+    if args.tree and (Path(args.tree) / HOOK_FILE).exists():
+        torch_root = args.tree
+    patches = series(torch_root, args.tree)
+    if args.output_directory:
+        for path in write_series(patches, args.output_directory):
+            print(path)
+    else:
+        sys.stdout.write(format_series(patches))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m safe_norm", description="safe_norm tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--no-exact", action="store_true", help="skip the exact sigma (SVD), for huge layers")
     commands.add_parser("demo", help="PyTorch issue #51800 side by side (options: --plot PATH, --steps N)",
                         add_help=False)
-    commands.add_parser("upstream-patch", help="print the reference patch for torch/nn/utils/spectral_norm.py")
+    patch = commands.add_parser(
+        "upstream-patch", help="print the reference patch series for PyTorch (git format-patch style)")
+    patch.add_argument("--tree", metavar="PATH",
+                       help="a PyTorch checkout: its torch/ files for the source patches (when present) "
+                            "and its test/ files for the test patch")
+    patch.add_argument("-o", "--output-directory", metavar="DIR",
+                       help="write one NNNN-subject.patch file per patch there instead of printing")
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         return _demo.main(rest)
@@ -49,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return _audit(args)
-        sys.stdout.write(upstream_patch())
-        return 0
+        return _upstream_patch(args)
     except (_checkpoint.CheckpointError, RuntimeError) as e:
         print(f"safe_norm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -48,10 +48,13 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.is_autocast_enabled()
 
 
+_FUNCTIONAL: tuple[type, ...]
 try:  # torch 2.2 on
-    from torch._subclasses.functional_tensor import FunctionalTensor as _FunctionalTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    _FUNCTIONAL = (FunctionalTensor,)
 except ImportError:  # torch 2.1 functionalises with C++ wrappers only
-    _FunctionalTensor = torch.Tensor  # an isinstance check that only the wrapper test decides
+    _FUNCTIONAL = ()
 
 
 def is_fake(tensor: torch.Tensor) -> bool:
@@ -61,7 +64,7 @@ def is_fake(tensor: torch.Tensor) -> bool:
     such a tensor cannot be answered.  (Eager ``torch.func.functionalize`` is a functorch
     transform, caught before this.)"""
     return (
-        (_FunctionalTensor is not torch.Tensor and isinstance(tensor, _FunctionalTensor))
+        isinstance(tensor, _FUNCTIONAL)
         or torch._is_functional_tensor(tensor)
         or bool(_torch_is_fake(tensor))
     )

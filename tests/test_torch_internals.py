@@ -90,12 +90,15 @@ def test_fake_tensor_detection():
     if _compat.TORCH >= (2, 2):
         from torch._subclasses.functional_tensor import FunctionalTensor
 
-        assert _compat._FunctionalTensor is FunctionalTensor, _why(
+        assert _compat._FUNCTIONAL == (FunctionalTensor,), _why(
             "torch._subclasses.functional_tensor.FunctionalTensor", "safe_norm/_compat.py is_fake")
 
 
-def test_patch_anchor_is_in_the_installed_source():
-    with open(_patch.upstream_source_path(), encoding="utf-8") as f:
-        source = f.read()
-    assert _patch._ANCHOR.search(source), _why(
-        f"the text of {_patch.UPSTREAM_FILE} around the random draw of v", "safe_norm/_patch.py _ANCHOR")
+def test_patch_anchors_are_in_the_installed_source():
+    root = _patch.installed_torch_root()
+    hook = (root / _patch.HOOK_FILE).read_text(encoding="utf-8")
+    param = (root / _patch.PARAM_FILE).read_text(encoding="utf-8")
+    assert _patch._ANCHOR.search(hook), _why(
+        f"the text of {_patch.HOOK_FILE} around the random draw of v", "safe_norm/_patch.py _ANCHOR")
+    assert _patch._PARAM_WARM_UP.search(param), _why(
+        f"the 15-iteration warm-up in {_patch.PARAM_FILE}", "safe_norm/_patch.py _PARAM_WARM_UP")
