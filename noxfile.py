@@ -14,6 +14,7 @@ package registry as CUDA builds, so each venv is deleted when its run ends (keep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import xml.etree.ElementTree as ET
@@ -42,8 +43,8 @@ def tests(session: nox.Session, torch: str) -> None:
     numpy = "numpy<2" if release < (2, 3) else "numpy"
     # inductor imports pkg_resources before torch 2.4, and new venvs no longer hold setuptools
     extra = ["setuptools<81"] if release < (2, 4) else []
-    # an empty constraint lifts a workplace pip cap (here: torch<=2.14.1) for the newest release
-    session.install(f"torch=={torch}", numpy, *extra, *TOOLS, env={"PIP_CONSTRAINT": ""})
+    # an empty constraints file lifts a workplace pip cap (here: torch<=2.14.1) on new releases
+    session.install(f"torch=={torch}", numpy, *extra, *TOOLS, env={"PIP_CONSTRAINT": os.devnull})
     session.install("--no-deps", ".")
     installed = time.monotonic() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
