@@ -79,15 +79,20 @@ class State:
     parametrization).  ``label`` names the weight in warnings.
     """
 
-    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache")
+    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache", "track", "blocks", "basis")
 
-    def __init__(self, tol: float | None, *, watching: bool = True, label: str = "") -> None:
+    def __init__(
+        self, tol: float | None, *, watching: bool = True, label: str = "", track: float | None = None
+    ) -> None:
         self.tol = tol
         self.watching = watching
         self.ref: Tensor | str | None = None if watching else _ADOPT
         self.label = label
         self.probe: Tensor | None = None
         self.cache: _Cached | None = None
+        self.track = track  # track_tol: sigma kept within it at every training forward
+        self.blocks = 2  # Krylov blocks before a tracked step's first check
+        self.basis: Tensor | None = None  # kept Ritz vectors (see _power.track_)
 
     def checks(self) -> bool:
         """Whether the next forward compares the weight with :attr:`ref`."""
@@ -115,13 +120,16 @@ class State:
             r = self.probe = _power.fixed_draw(W.shape[1], like=W)
         return torch.mv(W, r)
 
-    # Copies carry the decision (ref), not the cached weight, which is rebuilt when needed.
+    # Copies carry the decisions (ref, track), not the cached weight or the tracking's working
+    # vectors, which are rebuilt when needed.
     def __getstate__(self) -> dict[str, Any]:
-        return {"tol": self.tol, "watching": self.watching, "ref": self.ref, "label": self.label}
+        return {"tol": self.tol, "watching": self.watching, "ref": self.ref, "label": self.label,
+                "track": self.track}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
         self.label, self.probe, self.cache = state["label"], None, None
+        self.track, self.blocks, self.basis = state.get("track"), 2, None
 
 
 def _comparable(a: Tensor, b: Tensor) -> bool:
@@ -156,6 +164,8 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
             with torch.no_grad():
                 _refresh(state, view, state.content(view.matrix().detach()))
         state.watching, state.cache = False, None
+        if state.track is not None:
+            return _tracked(state, view)
         return _normalised(view, True)
     W = view.matrix().detach()
     # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
@@ -255,6 +265,22 @@ def _normalised(view: View, training: bool) -> Tensor:
         with torch.no_grad():
             sigma = _power.sigma(W, view.u, view.v)
     return _normalise(view, sigma)
+
+
+def _tracked(state: State, view: View) -> Tensor:
+    """A training forward with ``track_tol``: sigma within it of the weight's, by block
+    Krylov from the current vectors (:func:`safe_norm._power.track_`)."""
+    tol = state.track
+    assert tol is not None
+    found = _power.track_(view.matrix(), view.u, view.v, tol, blocks=state.blocks, basis=state.basis)
+    if found is None:  # a zero weight: the power step keeps the vectors
+        return _normalised(view, True)
+    # Next time, check where this one stopped; one that passed its first check with room to
+    # spare tries one block fewer (a first check that fails costs one more host sync).
+    easy = found.blocks <= state.blocks and found.error <= tol * _power.SAFETY / 4
+    state.blocks = max(2, found.blocks - 1) if easy else found.blocks
+    state.basis = found.basis
+    return _normalise(view, found.sigma)
 
 
 @torch.no_grad()

@@ -136,6 +136,8 @@ def check_options(module: nn.Module, name: str, n_power_iterations: object, eps:
         )
 
 
-def check_warmup_tol(tol: float) -> None:
+def check_warmup_tol(tol: float | None, name: str = "warmup_tol") -> None:
+    if tol is None:
+        return
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and 0 < tol < 1):
-        raise ValueError(f"spectral_norm: warmup_tol must be in (0, 1) or None, got {tol!r}")
+        raise ValueError(f"spectral_norm: {name} must be in (0, 1) or None, got {tol!r}")

@@ -31,6 +31,9 @@ __all__ = [
     "DEFAULT_WARMUP_TOL",
     "oriented",
     "EXACT_SIDE",
+    "track_",
+    "Tracked",
+    "MAX_TRACK_BLOCKS",
 ]
 
 #: The relative sigma accuracy a warm-up aims for unless told otherwise.
@@ -44,7 +47,7 @@ MAX_WARMUP_STEPS = 128
 #: gap early on: stopping at the bare bound let 2-3 % of 400 seeded default-initialised layers
 #: stop with errors up to 5e-3 for a tolerance of 1e-4; stopping at a tenth of it left none
 #: above 1.6e-5, for a few more steps (tests/test_power.py sweeps this).
-_SAFETY = 0.1
+SAFETY = 0.1
 
 
 def default_dim(module: torch.nn.Module) -> int:
@@ -206,6 +209,134 @@ class _Normalise(torch.autograd.Function):
         return grad_weight, None, None, None, None
 
 
+class Tracked(NamedTuple):
+    """One tracked training step: sigma (detached, the vectors' dtype), the Krylov blocks it
+    built, the Ritz vectors to start the next step from, and the error bound reached."""
+
+    sigma: Tensor
+    blocks: int
+    basis: Tensor
+    error: float
+
+
+#: Vectors kept from one tracked step to the next: the top Ritz vector and the next ones.
+#: Under Adam the top singular values of a layer lie within 0.1-0.3 % of each other, and the
+#: top singular vector turns within that cluster from step to step (a *level crossing* when
+#: another one overtakes it): a single start vector then holds little of the new top
+#: direction, and Lanczos from it settles, with a small residual, on the old one.  Kept
+#: neighbours put the cluster in the first block; Rayleigh-Ritz orders it exactly.
+TRACK_BLOCK = 4
+
+#: Up to this many rows or columns, a tracked step solves the small Gram matrix exactly.
+TRACK_EXACT_SIDE = 64
+
+#: Most Krylov blocks a tracked step builds (each: TRACK_BLOCK products with W and with Wᴴ).
+#: Warm-started, 1e-4 usually takes 1-3.
+MAX_TRACK_BLOCKS = 16
+
+
+def _orthonormal(X: Tensor, against: Tensor | None = None) -> Tensor:
+    """Columns of ``X`` made orthonormal (and orthogonal to ``against``'s), as one QR."""
+    if against is not None:
+        for _ in range(2):  # twice is enough
+            X = X - against @ (against.mH @ X)
+    return torch.linalg.qr(X).Q
+
+
+@torch.no_grad()
+def track_(
+    W: Tensor, u: Tensor, v: Tensor, tol: float, *, blocks: int, basis: Tensor | None
+) -> Tracked | None:
+    """A training step that keeps sigma within ``tol`` of ``σ₁(W)``: block Krylov from the
+    current vectors, with Rayleigh-Ritz; ``u``, ``v`` written in place with the top Ritz pair
+    (``u = normalize(W v)``, as after a power step).
+
+    Works in the space of the shorter side of ``W``.  The start block is ``v`` (or ``u``) and
+    the kept Ritz vectors ``basis`` (``None`` or stale: fixed-seed draws); each further block
+    is ``WᴴW`` times the last.  The error bound of the top Ritz value (residual within
+    ``tol``, and ``r²/(2(σ̃₁² - σ̃₂²))`` within a tenth of it) is read after ``blocks`` blocks
+    (one host synchronisation), then after each further one.  ``None`` when ``W`` is zero.
+    """
+    if not W.is_meta and _compat.autocast_enabled(W.device.type):
+        with torch.autocast(W.device.type, enabled=False):
+            return track_(W, u, v, tol, blocks=blocks, basis=basis)
+    work = torch.promote_types(W.dtype, torch.float32)
+    transposed = W.size(1) > W.size(0)
+    A = W.detach().to(work)
+    if transposed:
+        A = A.mH
+    n = A.size(1)
+    if n <= TRACK_EXACT_SIDE:
+        # exact: the top eigenvector of the small Gram matrix (a few dozen kept vectors would
+        # span a good part of this space anyway, and a direction outside them can overtake)
+        values, vectors = torch.linalg.eigh((A.mH @ A).to(torch.promote_types(work, torch.float64)))
+        right = vectors[:, -1].to(work)
+        left = A @ right
+        sigma = left.norm()
+        if not bool(sigma > 0):  # the one host synchronisation
+            return None
+        new_u, new_v = (right, left / sigma) if transposed else (left / sigma, right)
+        u.copy_(new_u)
+        v.copy_(new_v)
+        return Tracked(sigma.to(u.dtype), 0, right.reshape(n, 1), 0.0)
+    b = min(TRACK_BLOCK, n)
+    start = (u if transposed else v).to(work).reshape(n, 1)
+    if basis is None or basis.shape != (n, b) or basis.device != A.device:
+        generator = torch.Generator(A.device).manual_seed(START_SEED)
+        basis = torch.randn(n, b, generator=generator, device=A.device, dtype=A.real.dtype)
+    # The buffer's vector leads (a load or a DDP broadcast may have replaced it).
+    S = _orthonormal(torch.cat([start, basis[:, 1:].to(work)], 1))
+    AS = A @ S
+    MS = A.mH @ AS  # WᴴW S: the residuals at a check, and the next block
+    # At least two blocks: the second keeps the kept vectors improving (a step of subspace
+    # iteration), which the guard depends on.
+    built, check = 1, max(2, blocks)
+    while True:
+        full = S.size(1) + b > n or built == MAX_TRACK_BLOCKS
+        if built >= check or full:
+            values, vectors = torch.linalg.eigh((AS.mH @ AS).to(torch.promote_types(work, torch.float64)))
+            values, vectors = values.flip(0).clamp_min(0), vectors.flip(1).to(work)
+            residuals = (MS @ vectors - S @ (vectors * values.to(work))).norm(dim=0) ** 2
+            # the one host synchronisation of this check
+            theta, r2 = torch.stack([values, residuals.to(values.dtype)]).tolist()
+            if not theta[0] > 0:
+                return None
+            error = 0.0 if S.size(1) == n else _cluster_bound(theta, r2)
+            if error <= tol * SAFETY or full:
+                right, left = S @ vectors[:, 0], AS @ vectors[:, 0]
+                sigma = left.norm()
+                left = left / sigma
+                new_u, new_v = (right, left) if transposed else (left, right)
+                u.copy_(new_u)
+                v.copy_(new_v)
+                return Tracked(sigma.to(u.dtype), built, S @ vectors[:, :b], error)
+        # the next block: WᴴW times the last one, orthogonal to all before
+        Z = _orthonormal(MS[:, -b:], S)
+        AZ = A @ Z
+        S, AS, MS = torch.cat([S, Z], 1), torch.cat([AS, AZ], 1), torch.cat([MS, A.mH @ AZ], 1)
+        built += 1
+
+
+def _cluster_bound(theta: list[float], r2: list[float]) -> float:
+    """Bound on the relative error of ``sqrt(theta[0])`` as ``σ₁``, from the Rayleigh-Ritz
+    values ``theta`` (eigenvalues of the projected ``WᴴW``, descending) and the squared
+    residual norms ``r2`` of their Ritz vectors.
+
+    For any ``k``, the top ``k`` pairs as a block: ``λ₁ - θ₁ ≤ Σᵢ≤ₖ rᵢ² / (θₖ - θ₍ₖ₊₁₎)``, with the
+    next Ritz value standing in for the rest of the spectrum (as in the single-vector bound).
+    ``k = 1`` is the usual gap bound; a larger ``k`` takes a cluster of nearly equal top
+    values as one: its gap to the next value is what counts.  Halved for sigma, relative.
+    """
+    best = math.inf
+    total = 0.0
+    for k in range(1, len(theta)):
+        total += r2[k - 1]
+        gap = theta[k - 1] - theta[k]
+        if gap > 0:
+            best = min(best, total / gap)
+    return 0.5 * best / theta[0]
+
+
 class WarmUp(NamedTuple):
     """What a warm-up did: Lanczos ``steps`` and the estimated relative error of sigma."""
 
@@ -266,7 +397,7 @@ def warm_up_(
     found = None
     if warm_steps:
         tried = _lanczos_top(Ws, u.to(work), v.to(work), tol, warm_steps)
-        if tried is not None and tried[2].error_estimate <= tol * _SAFETY:
+        if tried is not None and tried[2].error_estimate <= tol * SAFETY:
             found = tried
     if found is None and small:
         found = _exact_top(Ws)
@@ -289,8 +420,8 @@ def warm_up_(
     # Only unit vectors count: buffers of `to_empty()` or blended by an EMA over the state_dict
     # can give any value of u^H W v.
     a, b = u.to(new_v.dtype), v.to(new_v.dtype)
-    unit = max(abs(a.norm().item() - 1), abs(b.norm().item() - 1)) <= tol * _SAFETY
-    if unit and sigma(Ws.to(new_v.dtype), a, b).real.item() >= top_sigma * (1 - tol * _SAFETY):
+    unit = max(abs(a.norm().item() - 1), abs(b.norm().item() - 1)) <= tol * SAFETY
+    if unit and sigma(Ws.to(new_v.dtype), a, b).real.item() >= top_sigma * (1 - tol * SAFETY):
         return result
     if not torch.isfinite(new_v).all():
         return WarmUp(result.steps, math.inf)
@@ -347,59 +478,88 @@ def _lanczos_top(
     W: Tensor, u: Tensor, v: Tensor, tol: float, max_steps: int, *, fresh_start: bool = False
 ) -> tuple[Tensor, float, WarmUp] | None:
     """(top right singular vector estimate, its Ritz value, WarmUp) by Golub–Kahan–Lanczos,
-    started from ``v`` (or ``u``), or with ``fresh_start`` from a fixed-seed random vector."""
+    started from ``v`` (or ``u``), or with ``fresh_start`` from a fixed-seed random vector.
+    The bound is checked at every step (a warm-up: one host synchronisation each)."""
     # From the smaller side: fewer entries per vector to orthogonalise.
     transposed = W.size(1) > W.size(0)
     A = W.mH if transposed else W
-    h, w = A.shape
-    k_max = min(w, max_steps)
-    Vs = A.new_zeros(k_max, w)  # right Lanczos vectors of A, as rows
-    Us = A.new_zeros(k_max, h)  # left Lanczos vectors of A, as rows
-    alphas: list[float] = []
-    betas: list[float] = []
     start = u if transposed else v
     norm = start.norm()
-    usable = bool(norm > 0 and torch.isfinite(norm))
-    if fresh_start or not usable:
+    if fresh_start or not bool(norm > 0 and torch.isfinite(norm)):
         # A fixed-seed draw, so that the caller's random stream is left as it is (also where
         # there is no start: buffers of `to_empty()`, vectors zeroed by a user).
         start = fixed_draw(start.shape[0], like=start)
-        norm = start.norm()
-    Vs[0] = start / norm
-    best: tuple[int, Tensor, float, float] | None = None
+    found = _golub_kahan(A, start, tol, max_steps, first_check=1, every=1)
+    if found is None:
+        return None
+    new_v = found.right
+    if transposed:  # that was W's left one: map it to the right
+        new_v = torch.mv(A, new_v)
+    return new_v, found.ritz, WarmUp(found.steps, found.error)
+
+
+class _Ritz(NamedTuple):
+    right: Tensor  # top right singular vector estimate of A (unit)
+    second: Tensor | None  # the second one (unit), from two steps on
+    ritz: float  # the top Ritz value: the estimate of sigma_1(A)
+    error: float  # bound on its relative error
+    steps: int
+
+
+def _golub_kahan(
+    A: Tensor, start: Tensor, tol: float, max_steps: int, *, first_check: int, every: int
+) -> _Ritz | None:
+    """Golub–Kahan–Lanczos bidiagonalisation of ``A`` from ``start`` (right side), with full
+    re-orthogonalisation, until the error bound of the top Ritz value is within ``tol``.
+
+    The coefficients stay on the device; the bound is read (one host synchronisation) after
+    ``first_check`` steps and then every ``every`` steps, never per product.  ``None`` when
+    ``A`` maps ``start`` to zero (or to non-finite values).
+    """
+    h, w = A.shape
+    k_max = min(w, max_steps)
+    if k_max < 1:
+        return None
+    V = A.new_zeros(k_max + 1, w)  # right Lanczos vectors of A, as rows
+    U = A.new_zeros(k_max, h)  # left Lanczos vectors of A, as rows
+    coeffs = A.new_zeros(2, k_max, dtype=A.real.dtype)  # alphas, betas
+    tiny = torch.finfo(coeffs.dtype).tiny
+    V[0] = start.to(A.dtype) / start.norm().to(coeffs.dtype).clamp_min(tiny)
+    check = max(1, first_check)
     for j in range(k_max):
-        p = torch.mv(A, Vs[j])
+        p = torch.mv(A, V[j])
         if j:
-            p -= betas[-1] * Us[j - 1]
-            _orthogonalise_(p, Us[:j])
-        alpha = p.norm().item()
-        if not (alpha > 0 and math.isfinite(alpha)):
-            break  # a zero product on the first step, or an exhausted Krylov space later
-        Us[j] = p / alpha
-        alphas.append(alpha)
-        q = torch.mv(A.mH, Us[j]) - alpha * Vs[j]
-        _orthogonalise_(q, Vs[: j + 1])
-        beta = q.norm().item()
-        betas.append(beta)
-        top, ritz, error, residual = _top_ritz_pair(alphas, betas)
+            p -= coeffs[1, j - 1] * U[j - 1]
+            _orthogonalise_(p, U[:j])
+        coeffs[0, j] = p.norm()
+        U[j] = p / coeffs[0, j].clamp_min(tiny)
+        q = torch.mv(A.mH, U[j]) - coeffs[0, j] * V[j]
+        _orthogonalise_(q, V[: j + 1])
+        coeffs[1, j] = q.norm()
+        V[j + 1] = q / coeffs[1, j].clamp_min(tiny)
+        k = j + 1
+        if k < check and k < k_max:
+            continue
+        alphas, betas = coeffs[:, :k].tolist()  # the one synchronisation of this check
+        usable = next((i for i, a in enumerate(alphas) if not (a > 0 and math.isfinite(a))), k)
+        if usable == 0:
+            return None  # a zero product on the first step
+        exhausted = usable < k  # the Krylov space is spent: its best is the answer
+        k = usable
+        top, second, ritz, error, residual = _top_ritz_pair(alphas[:k], betas[:k])
         # The bound counts only once the residual itself is within tolerance: where sigma_1
         # and sigma_2 lie closer than the Krylov space resolves, the Ritz value mixes both, the
         # second Ritz value stands for sigma_3, and the bound understates the error (seen
         # 2.7e-4 for a relative gap of 3.5e-4); the residual bounds it there.
         if residual > tol:
             error = max(error, residual)
-        best = (j + 1, top, ritz, error)
         # Not at the first step: its bound has no second Ritz value and takes sigma_2 as 0.
-        if (j and error <= tol * _SAFETY) or j + 1 == k_max:
-            break
-        Vs[j + 1] = q / beta
-    if best is None:
-        return None
-    k, top, ritz, error = best
-    new_v = top.to(A.dtype) @ Vs[:k]  # A's top right singular vector
-    if transposed:  # that was W's left one: map it to the right
-        new_v = torch.mv(A, new_v)
-    return new_v, ritz, WarmUp(k, error)
+        if (k > 1 and error <= tol * SAFETY) or k == k_max or exhausted or j + 1 == k_max:
+            basis = V[:k]
+            second_v = None if second is None else F.normalize(second.to(A.dtype) @ basis, dim=0)
+            return _Ritz(top.to(A.dtype) @ basis, second_v, ritz, error, k)
+        check = k + every
+    return None  # not reached: the last step always returns
 
 
 def _orthogonalise_(x: Tensor, basis: Tensor) -> None:
@@ -408,9 +568,10 @@ def _orthogonalise_(x: Tensor, basis: Tensor) -> None:
         x -= (basis.conj() @ x) @ basis
 
 
-def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[Tensor, float, float, float]:
-    """Top right singular vector and value of the bidiagonal ``B``, the relative error bound
-    of that value as an estimate of ``σ₁(W)``, and the relative residual ``r / σ̃``.
+def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor | None, float, float, float]:
+    """Top right singular vector of the bidiagonal ``B`` (and the second, from ``k = 2``) and
+    its value, the relative error bound of that value as an estimate of ``σ₁(W)``, and the
+    relative residual ``r / σ̃``.
 
     With ``W V = U B`` and ``Wᴴ U = V Bᵀ + β_k v_{k+1} e_kᵀ``, the Ritz pair ``(σ̃, ṽ = V q)``
     has residual ``r = β_k |p_k|`` (``p`` the left singular vector of ``B``).  The eigenvalue
@@ -426,4 +587,4 @@ def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[Tensor, flo
     r = betas[-1] * abs(P[-1, 0].item())
     gap = s1 * s1 - (S[1].item() ** 2 if k > 1 else 0.0)
     error = min(r / s1, 0.5 * r * r / gap if gap > 0 else math.inf)
-    return Qh[0], s1, error, r / s1
+    return Qh[0], (Qh[1] if k > 1 else None), s1, error, r / s1

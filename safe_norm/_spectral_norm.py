@@ -107,19 +107,21 @@ class SpectralNorm(_UpstreamSpectralNorm):
         dim: int,
         eps: float,
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+        track_tol: float | None = None,
     ) -> SpectralNorm:
         check_weight(module, name, dim, n_power_iterations)
         # Upstream's registration verbatim: its checks and exception types, parameter and buffer
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
         ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
-        ours.start(module, warmup_tol, label=f"{type(module).__name__}.{name}")
+        ours.start(module, warmup_tol, label=f"{type(module).__name__}.{name}", track=track_tol)
         return ours
 
-    def start(self, module: nn.Module, tol: float | None, *, converge: bool = True, label: str = "") -> None:
+    def start(self, module: nn.Module, tol: float | None, *, converge: bool = True, label: str = "",
+              track: float | None = None) -> None:
         """safe_norm's state, on a hook that has upstream's: ``u``, ``v`` converged now (unless
         ``converge`` is false: a trained layer taken over), the weight watched until training."""
-        self._state = _core.State(tol, watching=converge, label=label)
+        self._state = _core.State(tol, watching=converge, label=label, track=track)
         if converge and tol is not None:
             _core.converge(self._state, self.view(module))
 
@@ -155,6 +157,7 @@ def spectral_norm(
     dim: int | None = None,
     *,
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+    track_tol: float | None = None,
 ) -> T_module:
     r"""Apply spectral normalisation to a parameter of ``module``; a drop-in for
     :func:`torch.nn.utils.spectral_norm`.
@@ -179,6 +182,11 @@ def spectral_norm(
             ``ConvTranspose{1,2,3}d``.
         warmup_tol: relative sigma accuracy the warm-up aims for at registration; ``None``
             skips the warm-up and gives upstream's state exactly.
+        track_tol: opt-in: keep sigma within this relative tolerance of the exact one at
+            every training forward (Lanczos from the current vectors, instead of
+            ``n_power_iterations`` power iterations; README "Tracking").  ``None`` (default):
+            upstream's training step.  Not saved in the ``state_dict``: pass it again when
+            rebuilding the model.
 
     Returns:
         The original module, with the spectral-norm hook.
@@ -197,8 +205,8 @@ def spectral_norm(
         >>> bool(abs(sigma - exact) / exact < 1e-4)
         True
     """
-    if warmup_tol is not None:
-        check_warmup_tol(warmup_tol)
+    check_warmup_tol(warmup_tol)
+    check_warmup_tol(track_tol, "track_tol")
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
         dim = _power.default_dim(module)
@@ -207,11 +215,11 @@ def spectral_norm(
         if pending_on(module, "hook", name):
             raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         register = partial(SpectralNorm.apply, name=name, n_power_iterations=n_power_iterations,
-                           dim=dim, eps=eps, warmup_tol=warmup_tol)
+                           dim=dim, eps=eps, warmup_tol=warmup_tol, track_tol=track_tol)
         keys = partial(_checkpoint_keys, name=name)
         Pending("hook", name, register, keys, partial(_restore, name=name)).install(module)
         return module
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol, track_tol)
     return module
 
 

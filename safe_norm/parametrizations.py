@@ -50,6 +50,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         eps: float = 1e-12,
         *,
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+        track_tol: float | None = None,
     ) -> None:
         # Not upstream's __init__: its 15 fixed iterations are what the warm-up replaces.
         # Its checks, messages and random draws are reproduced exactly.
@@ -80,7 +81,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             if warmup_tol is None:
                 self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
             # else the warm-up runs in the forward that register_parametrization makes
-            self._state = _core.State(warmup_tol)
+            self._state = _core.State(warmup_tol, track=track_tol)
         _compat.register_load_pre_hook(self, _adopt_on_load)
 
     def view(self, weight: Tensor) -> _core.View:
@@ -150,6 +151,7 @@ def spectral_norm(
     dim: int | None = None,
     *,
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
+    track_tol: float | None = None,
 ) -> nn.Module:
     r"""Apply spectral normalisation to a tensor of ``module`` through a parametrization; a
     drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`.
@@ -174,6 +176,9 @@ def spectral_norm(
             ``ConvTranspose{1,2,3}d``.
         warmup_tol: relative sigma accuracy of the warm-up; ``None`` gives upstream's 15
             iterations and upstream's assignment behaviour.
+        track_tol: opt-in: keep sigma within this relative tolerance of the exact one at
+            every training forward, as in :func:`safe_norm.spectral_norm`; ``None``
+            (default): upstream's training step.  Not saved in the ``state_dict``.
 
     Returns:
         The original module with a new parametrization registered to ``name``.
@@ -193,8 +198,8 @@ def spectral_norm(
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    if warmup_tol is not None:
-        check_warmup_tol(warmup_tol)
+    check_warmup_tol(warmup_tol)
+    check_warmup_tol(track_tol, "track_tol")
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
         dim = _power.default_dim(module)
@@ -205,14 +210,14 @@ def spectral_norm(
                 f"got n_power_iterations={n_power_iterations}"
             )
         register = partial(_register, name=name, n_power_iterations=n_power_iterations, eps=eps,
-                           dim=dim, warmup_tol=warmup_tol)
+                           dim=dim, warmup_tol=warmup_tol, track_tol=track_tol)
         keys = partial(_checkpoint_keys, name=name)
         Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
         return module
     check_dtype(module, name, weight)
     check_not_empty(module, name, weight)
     check_finite(module, name, weight)
-    sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol)
+    sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol, track_tol=track_tol)
     if sn._state is not None:
         sn._state.label = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, sn)
