@@ -322,16 +322,19 @@ def _cluster_bound(theta: list[float], r2: list[float]) -> float:
     values ``theta`` (eigenvalues of the projected ``WᴴW``, descending) and the squared
     residual norms ``r2`` of their Ritz vectors.
 
-    For any ``k``, the top ``k`` pairs as a block: ``λ₁ - θ₁ ≤ Σᵢ≤ₖ rᵢ² / (θₖ - θ₍ₖ₊₁₎)``, with the
-    next Ritz value standing in for the rest of the spectrum (as in the single-vector bound).
-    ``k = 1`` is the usual gap bound; a larger ``k`` takes a cluster of nearly equal top
-    values as one: its gap to the next value is what counts.  Halved for sigma, relative.
+    For any ``k``, the top ``k`` pairs as a block: ``λ₁ - θ₁ ≤ Σᵢ≤ₖ rᵢ² / δₖ``, where ``δₖ``
+    separates ``θₖ`` from the rest of the spectrum.  The next Ritz value stands in for the rest,
+    raised by its own residual (an eigenvalue lies within it): a Ritz pair that has not
+    converged may hide a larger value, such as a direction that is overtaking the top one (a
+    level crossing), and then no bound is claimed across it.  ``k = 1`` is the usual gap bound;
+    a larger ``k`` takes a cluster of nearly equal top values as one.  Halved for sigma,
+    relative.
     """
     best = math.inf
     total = 0.0
     for k in range(1, len(theta)):
         total += r2[k - 1]
-        gap = theta[k - 1] - theta[k]
+        gap = theta[k - 1] - theta[k] - math.sqrt(r2[k])
         if gap > 0:
             best = min(best, total / gap)
     return 0.5 * best / theta[0]

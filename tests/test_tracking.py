@@ -1,0 +1,184 @@
+"""Opt-in tracking (``track_tol``): at every training forward the sigma used is within the
+tolerance of the exact sigma of the weight used, under Adam(betas (0, 0.9)), for an MLP and a
+conv discriminator, both APIs.  Without it, training steps are upstream's (test_equivalence.py
+is untouched)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from safe_norm import _core
+
+from .helpers import APIS, roundtrip, sn_state
+
+pytestmark = pytest.mark.slow
+
+
+def _mlp(sn):
+    return nn.Sequential(
+        sn(nn.Linear(32, 256)), nn.LeakyReLU(0.1), sn(nn.Linear(256, 256)), nn.LeakyReLU(0.1), sn(nn.Linear(256, 1)),
+    ), (32,)
+
+
+def _conv_d(sn):
+    return nn.Sequential(
+        sn(nn.Conv2d(3, 32, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(32, 64, 4, 2, 1)), nn.LeakyReLU(0.1),
+        sn(nn.Conv2d(64, 64, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(64, 128, 4, 2, 1)), nn.LeakyReLU(0.1),
+        nn.Flatten(), sn(nn.Linear(128 * 4 * 4, 1)),
+    ), (3, 16, 16)
+
+
+MODELS = {"mlp": _mlp, "conv_discriminator": _conv_d}
+
+
+def _layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def train_errors(api: str, model, tol: float | None, steps: int, seed: int = 0) -> list[float]:
+    """|sigma used / exact - 1| at every training forward, every layer: hinge loss on random
+    data, Adam(lr 2e-4, betas (0, 0.9)).  The sigma used is ``uᵀWv`` after the forward (the
+    tracked step leaves ``u = Wv / σ``), W the weight that forward used; exact: float64 SVD."""
+    ours, _ = APIS[api]
+    kwargs = {} if tol is None else {"track_tol": tol}
+    torch.manual_seed(seed)
+    net, shape = model(lambda m: ours(m, **kwargs))
+    layers = _layers(net)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    gen = torch.Generator().manual_seed(seed)
+    errors = []
+    for _ in range(steps):
+        real, fake = torch.randn(16, *shape, generator=gen) + 1, torch.randn(16, *shape, generator=gen)
+        weights = [sn_state(m)[0].detach().double().flatten(1) for m in layers]
+        out = net(torch.cat([real, fake]))
+        for m, W in zip(layers, weights):
+            _, u, v = sn_state(m)
+            used = torch.dot(u.double(), W @ v.double()).item()
+            errors.append(abs(used / torch.linalg.matrix_norm(W, 2).item() - 1))
+        loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    return errors
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("tol", [1e-3, 1e-4])
+def test_every_training_forward_is_within_the_tolerance(api, model, tol):
+    errors = train_errors(api, MODELS[model], tol, steps=200)
+    assert max(errors) <= tol
+    assert max(train_errors(api, MODELS[model], None, steps=50)) > 100 * tol  # upstream's 1 step lags
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("tol", [1e-5, 1e-6])
+def test_tight_tolerances_hold_at_99_percent_of_forwards(api, model, tol):
+    errors = train_errors(api, MODELS[model], tol, steps=100)
+    assert sum(e <= tol for e in errors) >= 0.99 * len(errors)
+    assert max(errors) < 1e-4  # where float32 stops it (README)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_level_crossing_is_followed(api):
+    """The top singular value is overtaken by the second (their sizes swapped between steps,
+    exact singular vectors, so that the old top pair has no residual at all): the tracked step
+    follows the new top direction, because it kept the second one."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(300, 200), track_tol=1e-4)
+    W, u, v = sn_state(m)
+    U, S, Vh = torch.linalg.svd(W.detach(), full_matrices=False)
+    x = torch.randn(4, 300)
+    for step in range(8):  # a few steps to learn the neighbours, then sigma_1, sigma_2 swap
+        S2 = S.clone()
+        S2[0], S2[1] = (S[0], S[0] * 0.999) if step < 4 or step % 2 == 0 else (S[0] * 0.999, S[0])
+        with torch.no_grad():
+            W.copy_(U @ torch.diag(S2) @ Vh)
+        m(x)
+        used = torch.dot(u.double(), W.detach().double() @ v.double()).item()
+        assert abs(used / S2.max().item() - 1) <= 1e-4
+
+
+def test_the_option_is_keyword_only_and_checked():
+    for api, (ours, _) in APIS.items():
+        with pytest.raises(TypeError):
+            ours(nn.Linear(3, 4), "weight", 1, 1e-12, None, 1e-4, 1e-4)  # positional
+        for bad in (0, -1e-3, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="track_tol"):
+                ours(nn.Linear(3, 4), track_tol=bad)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_checkpoints_do_not_carry_the_option(api):
+    """Same keys as without it; a model rebuilt with ``track_tol`` and loaded tracks again."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    tracked = ours(nn.Linear(100, 80), track_tol=1e-4)
+    plain = ours(nn.Linear(100, 80))
+    assert list(tracked.state_dict()) == list(plain.state_dict())
+    tracked(torch.randn(2, 100))
+    rebuilt = ours(nn.Linear(100, 80), track_tol=1e-4)
+    rebuilt.load_state_dict(roundtrip(tracked.state_dict()))
+    assert _state(rebuilt).track == 1e-4 and _state(copy.deepcopy(rebuilt)).track == 1e-4
+    assert _state(plain).track is None
+
+
+def _state(m: nn.Module) -> _core.State:
+    if hasattr(m, "weight_orig"):
+        return next(h for h in m._forward_pre_hooks.values() if hasattr(h, "_state"))._state
+    return m.parametrizations.weight[0]._state
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_buffers_are_updated_in_place_and_two_forwards_backprop(api):
+    """As upstream's step: the buffers keep their storage (DataParallel relies on it), and
+    ``D(real) - D(fake)`` backpropagates through both forwards."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(100, 80), track_tol=1e-4)
+    _, u, v = sn_state(m)
+    pointers = u.data_ptr(), v.data_ptr()
+    loss = m(torch.randn(4, 100)).sum() - m(torch.randn(4, 100)).sum()
+    loss.backward()
+    assert (u.data_ptr(), v.data_ptr()) == pointers
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_eval_forwards_and_torch_func_are_unaffected(api):
+    """Eval forwards divide by the last sigma, as without tracking; under torch.func the
+    step is upstream's (nothing data-dependent runs under transforms)."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(100, 80), track_tol=1e-4)
+    m(torch.randn(4, 100))
+    _, u, v = sn_state(m)
+    before = u.clone(), v.clone()
+    with torch.no_grad():
+        m.eval()(torch.randn(4, 100))
+    assert torch.equal(u, before[0]) and torch.equal(v, before[1])
+    m.train()
+    params = {k: p.detach() for k, p in m.named_parameters()}
+    g = grad(lambda p: functional_call(m, p, (torch.randn(4, 100),)).sum())(params)
+    assert all(torch.isfinite(t).all() for t in g.values())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_compiles_without_graph_breaks(api):
+    """Under torch.compile a tracked layer runs upstream's power step (a data-dependent stop
+    cannot be compiled without a break): no graph break, and eager tracking resumes after."""
+    import torch._dynamo
+
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    net = nn.Sequential(ours(nn.Linear(16, 32), track_tol=1e-4), nn.ReLU(), ours(nn.Linear(32, 1), track_tol=1e-4))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(net)(torch.randn(4, 16))
+    assert not explanation.break_reasons
+    torch.compile(net)(torch.randn(4, 16)).sum().backward()
+    torch._dynamo.reset()
