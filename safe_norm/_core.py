@@ -91,7 +91,7 @@ class State:
         self.probe: Tensor | None = None
         self.cache: _Cached | None = None
         self.track = track  # track_tol: sigma kept within it at every training forward
-        self.blocks = 2  # Krylov blocks before a tracked step's first check
+        self.blocks = 1  # Krylov blocks before a tracked step's first check
         self.basis: Tensor | None = None  # kept Ritz vectors (see _power.track_)
 
     def checks(self) -> bool:
@@ -129,7 +129,7 @@ class State:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
         self.label, self.probe, self.cache = state["label"], None, None
-        self.track, self.blocks, self.basis = state.get("track"), 2, None
+        self.track, self.blocks, self.basis = state.get("track"), 1, None
 
 
 def _comparable(a: Tensor, b: Tensor) -> bool:
@@ -278,7 +278,7 @@ def _tracked(state: State, view: View) -> Tensor:
     # Next time, check where this one stopped; one that passed its first check with room to
     # spare tries one block fewer (a first check that fails costs one more host sync).
     easy = found.blocks <= state.blocks and found.error <= tol * _power.SAFETY / 4
-    state.blocks = max(2, found.blocks - 1) if easy else found.blocks
+    state.blocks = max(1, found.blocks - 1) if easy else found.blocks
     state.basis = found.basis
     return _normalise(view, found.sigma)
 

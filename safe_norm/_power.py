@@ -288,9 +288,7 @@ def track_(
     S = _orthonormal(torch.cat([start, basis[:, 1:].to(work)], 1))
     AS = A @ S
     MS = A.mH @ AS  # WᴴW S: the residuals at a check, and the next block
-    # At least two blocks: the second keeps the kept vectors improving (a step of subspace
-    # iteration), which the guard depends on.
-    built, check = 1, max(2, blocks)
+    built, check = 1, max(1, blocks)
     while True:
         full = S.size(1) + b > n or built == MAX_TRACK_BLOCKS
         if built >= check or full:
@@ -309,7 +307,11 @@ def track_(
                 new_u, new_v = (right, left) if transposed else (left, right)
                 u.copy_(new_u)
                 v.copy_(new_v)
-                return Tracked(sigma.to(u.dtype), built, S @ vectors[:, :b], error)
+                # Kept for the next step: the Ritz vectors, or after a single block, the Ritz
+                # vectors times WᴴW (already computed): one step of subspace iteration, so that
+                # the kept neighbours keep converging, which the guard depends on.
+                kept = MS @ vectors[:, :b] if built == 1 else S @ vectors[:, :b]
+                return Tracked(sigma.to(u.dtype), built, kept, error)
         # the next block: WᴴW times the last one, orthogonal to all before
         Z = _orthonormal(MS[:, -b:], S)
         AZ = A @ Z
