@@ -130,13 +130,17 @@ def main() -> None:
     for name in args.models.split(","):
         model = MODELS[name]
         cost = timings(model, args.rounds, args.k)
-        print(f"\n{name}\n\n| scheme | worst error | median error | ms / step | x upstream 1 PI |\n|---|---|---|---|---|")
+        print(f"\n{name}\n\n| scheme | worst error | median error | within tol | ms / step | x upstream 1 PI |"
+              "\n|---|---|---|---|---|---|")
         for variant, (ms, ratio) in cost.items():
             if variant == "no spectral norm":
-                print(f"| {variant} | - | - | {ms:.1f} | {ratio:.2f} |")
+                print(f"| {variant} | - | - | - | {ms:.1f} | {ratio:.2f} |")
                 continue
             e = errors(model, variant, args.steps)
-            print(f"| {variant} | {max(e):.1e} | {statistics.median(e):.1e} | {ms:.1f} | {ratio:.2f} |", flush=True)
+            tol = float(variant.split("=")[1]) if "track_tol=" in variant else None
+            within = "-" if tol is None else f"{sum(x <= tol for x in e) / len(e):.1%}"
+            print(f"| {variant} | {max(e):.1e} | {statistics.median(e):.1e} | {within} | {ms:.1f} | {ratio:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

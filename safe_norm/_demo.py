@@ -7,7 +7,9 @@ is still a few percent off.  safe_norm converges ``u`` and ``v`` at registration
 All four models are built from the same seed, so they hold the same weights; only the sigma each
 one divides by differs.
 
-Then the first training steps: the error of the sigma each training forward divides by.
+Then the first training steps: the error of the sigma each training forward divides by, with
+two more models: upstream's hook API with 20 power iterations per step, and safe_norm with the
+opt-in ``track_tol=1e-4`` (sigma kept within it at every training forward).
 ``--plot PATH`` draws both (needs matplotlib: ``pip install "safe_norm[plot]"``).
 
 Run:  python -m safe_norm demo [--plot sigma_error.png]   (or: python examples/bug_repro.py)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,12 @@ APIS = {
     "upstream param.": parametrizations.spectral_norm,
     "safe_norm hook": safe_norm.spectral_norm,
     "safe_norm param.": safe_norm.parametrizations.spectral_norm,
+}
+# The training part adds more power iterations, and safe_norm's opt-in tracking.
+TRAINING = {
+    **APIS,
+    "upstream, 20 it.": partial(upstream_hook, n_power_iterations=20),
+    "safe_norm tracked": partial(safe_norm.spectral_norm, track_tol=1e-4),
 }
 
 
@@ -69,7 +78,7 @@ def training_errors(steps: int) -> dict[str, list[float]]:
     training (entry 0) and at each of ``steps`` training forwards (Adam, betas (0, 0.9), as in
     GAN training, on a hinge loss of random data; all models see the same data)."""
     errors: dict[str, list[float]] = {}
-    for name, sn in APIS.items():
+    for name, sn in TRAINING.items():
         net = build(sn)
         opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
         gen = torch.Generator().manual_seed(2)
@@ -99,7 +108,7 @@ def plot(errors: dict[str, list[float]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (name, values), style in zip(errors.items(), ["o-", "s-", "^--", "v--"]):
+    for (name, values), style in zip(errors.items(), ["o-", "s-", "^--", "v--", "x:", "D-"]):
         ax.plot(range(len(values)), [max(e, 1e-9) for e in values], style, ms=4, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step (0: eval() right after construction; then training forwards)")

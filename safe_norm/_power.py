@@ -251,11 +251,12 @@ def track_(
     current vectors, with Rayleigh-Ritz; ``u``, ``v`` written in place with the top Ritz pair
     (``u = normalize(W v)``, as after a power step).
 
-    Works in the space of the shorter side of ``W``.  The start block is ``v`` (or ``u``) and
-    the kept Ritz vectors ``basis`` (``None`` or stale: fixed-seed draws); each further block
-    is ``WᴴW`` times the last.  The error bound of the top Ritz value (residual within
-    ``tol``, and ``r²/(2(σ̃₁² - σ̃₂²))`` within a tenth of it) is read after ``blocks`` blocks
-    (one host synchronisation), then after each further one.  ``None`` when ``W`` is zero.
+    Works in the space of the shorter side of ``W`` (up to :data:`TRACK_EXACT_SIDE` long: the
+    exact top eigenvector of the Gram matrix instead).  The start block is ``v`` (or ``u``)
+    and the kept Ritz vectors ``basis`` (``None`` or stale: fixed-seed draws); each further
+    block is ``WᴴW`` times the last.  The error bound of the top Ritz value
+    (:func:`_cluster_bound`, to a tenth of ``tol``) is read after ``blocks`` blocks (one host
+    synchronisation), then after each further one.  ``None`` when ``W`` is zero.
     """
     if not W.is_meta and _compat.autocast_enabled(W.device.type):
         with torch.autocast(W.device.type, enabled=False):

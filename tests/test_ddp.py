@@ -29,11 +29,15 @@ def test_ddp_two_ranks_match_each_other_and_single_process(tmp_path):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    for api, lazy in ddp_worker.CONFIGS:
-        ranks = [torch.load(tmp_path / f"{api}-{lazy}-rank{r}.pt", weights_only=True) for r in range(world)]
-        expected = ddp_worker.train(ddp_worker.build(api, lazy))  # one process, the whole batch
+    for api, lazy, track in ddp_worker.CONFIGS:
+        ranks = [torch.load(tmp_path / f"{api}-{lazy}-{track}-rank{r}.pt", weights_only=True) for r in range(world)]
+        expected = ddp_worker.train(ddp_worker.build(api, lazy, track))  # one process, the whole batch
         assert ranks[0].keys() == ranks[1].keys() == expected.keys()
         assert any(k.endswith("_u") for k in expected)
         for key in expected:
-            assert torch.equal(ranks[0][key], ranks[1][key]), (api, lazy, key)
-            assert close(ranks[0][key], expected[key], rtol=1e-5), (api, lazy, key)
+            assert torch.equal(ranks[0][key], ranks[1][key]), (api, lazy, track, key)
+            # a tracked step stops on its error bound, and the last float32 bits of a gradient
+            # averaged over ranks can move the stop by a block: sigma then differs within the
+            # tracking tolerance (measured: 2e-5 relative on one bias over 4 steps)
+            rtol = 1e-5 if track is None else track
+            assert close(ranks[0][key], expected[key], rtol=rtol), (api, lazy, track, key)
