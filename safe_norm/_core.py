@@ -32,6 +32,7 @@ found at the next forward is taken with the checkpoint's ``u``, ``v``, which are
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -79,7 +80,7 @@ class State:
     parametrization).  ``label`` names the weight in warnings.
     """
 
-    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache", "track", "blocks", "basis")
+    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache", "track", "blocks", "basis", "warned")
 
     def __init__(
         self, tol: float | None, *, watching: bool = True, label: str = "", track: float | None = None
@@ -92,7 +93,8 @@ class State:
         self.cache: _Cached | None = None
         self.track = track  # track_tol: sigma kept within it at every training forward
         self.blocks = 1  # Krylov blocks before a tracked step's first check
-        self.basis: Tensor | None = None  # kept Ritz vectors (see _power.track_)
+        self.basis: dict[torch.device, Tensor] = {}  # kept Ritz vectors (see _power.track_)
+        self.warned = False  # a tracked step stopped at its cap, said once
 
     def checks(self) -> bool:
         """Whether the next forward compares the weight with :attr:`ref`."""
@@ -129,7 +131,7 @@ class State:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
         self.label, self.probe, self.cache = state["label"], None, None
-        self.track, self.blocks, self.basis = state.get("track"), 1, None
+        self.track, self.blocks, self.basis, self.warned = state.get("track"), 1, {}, False
 
 
 def _comparable(a: Tensor, b: Tensor) -> bool:
@@ -272,14 +274,23 @@ def _tracked(state: State, view: View) -> Tensor:
     Krylov from the current vectors (:func:`safe_norm._power.track_`)."""
     tol = state.track
     assert tol is not None
-    found = _power.track_(view.matrix(), view.u, view.v, tol, blocks=state.blocks, basis=state.basis)
-    if found is None:  # a zero weight: the power step keeps the vectors
+    device = view.u.device  # DataParallel replicas share this state: one basis per device
+    found = _power.track_(view.matrix(), view.u, view.v, tol, blocks=state.blocks,
+                          basis=state.basis.get(device))
+    if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
         return _normalised(view, True)
+    if found.error > tol and not state.warned:
+        state.warned = True
+        warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'} stopped at its cap of "
+                      f"{found.blocks} blocks with an estimated relative sigma error of "
+                      f"{found.error:.1e} (asked: {tol:.0e}); said once per layer", stacklevel=4)
     # Next time, check where this one stopped; one that passed its first check with room to
-    # spare tries one block fewer (a first check that fails costs one more host sync).
+    # spare checks after half as many blocks (a first check that fails costs one more sync
+    # per further block).
     easy = found.blocks <= state.blocks and found.error <= tol * _power.SAFETY / 4
-    state.blocks = max(1, found.blocks - 1) if easy else found.blocks
-    state.basis = found.basis
+    state.blocks = max(1, found.blocks // 2) if easy else max(1, found.blocks)
+    if found.basis is not None:
+        state.basis[device] = found.basis
     return _normalise(view, found.sigma)
 
 
