@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from torch import nn
 
 from . import _checkpoint, _demo, _inspect
-from ._patch import HOOK_FILE, format_series, series, write_series
+from ._patch import format_series, series, write_series
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -32,10 +31,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _upstream_patch(args: argparse.Namespace) -> int:
-    torch_root = None
-    if args.tree and (Path(args.tree) / HOOK_FILE).exists():
-        torch_root = args.tree
-    patches = series(torch_root, args.tree)
+    patches = series(args.torch_root, args.tree)
     if args.output_directory:
         for path in write_series(patches, args.output_directory):
             print(path)
@@ -57,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     patch = commands.add_parser(
         "upstream-patch", help="print the reference patch series for PyTorch (git format-patch style)")
     patch.add_argument("--tree", metavar="PATH",
-                       help="a PyTorch checkout: its torch/ files for the source patches (when present) "
-                            "and its test/ files for the test patch")
+                       help="a PyTorch checkout: adds the test patch, against its test/ files")
+    patch.add_argument("--torch-root", metavar="PATH",
+                       help="where torch/nn/utils/ lies for the source patches: a checkout, or a "
+                            "site-packages directory (default: the installed torch's)")
     patch.add_argument("-o", "--output-directory", metavar="DIR",
                        help="write one NNNN-subject.patch file per patch there instead of printing")
     args, rest = parser.parse_known_args(argv)

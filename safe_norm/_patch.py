@@ -14,8 +14,9 @@ repository holds only the lines the series adds:
    (``TestNNParametrization``), and the one upstream assertion that a converged warm-up
    contradicts. Generated only from a PyTorch source tree (the installed torch has no tests).
 
-The source patches are generated from the installed torch by default, or from a tree's
-``torch/`` (``--tree``), each from the file as the previous patch left it.
+The source patches are generated from the installed torch by default, or from another root
+holding ``torch/nn/utils/`` (``--torch-root``: a PyTorch checkout), each from the file as the
+previous patch left it; ``--tree`` names the checkout whose ``test/`` the test patch is for.
 ``scripts/verify_upstream_patch.py`` applies the series and runs PyTorch's own tests.
 """
 
@@ -36,7 +37,6 @@ HOOK_FILE = "torch/nn/utils/spectral_norm.py"
 PARAM_FILE = "torch/nn/utils/parametrizations.py"
 TEST_NN = "test/test_nn.py"
 TEST_PARAM = "test/nn/test_parametrization.py"
-UPSTREAM_FILE = HOOK_FILE  # the file the first patch changes
 
 # The last line of upstream's random initialisation in SpectralNorm.apply (torch 1.x-2.x).
 _ANCHOR = re.compile(r"(?P<indent>\s*)v = (?P<ns>F\.)?normalize\(weight\.new_empty\(w\)\.normal_\(0, 1\), dim=0, eps=fn\.eps\)\n")
@@ -260,42 +260,33 @@ _CASES = """\
 (nn.Conv2d(16, 32, 3), torch.randn(2, 16, 8, 8), 0),
 (nn.ConvTranspose2d(32, 16, 3), torch.randn(2, 32, 8, 8), 1),"""
 
-_TEST_HOOK = """\
-def test_spectral_norm_before_training(self):
-    # gh-51800: an eval() forward right after registration divides by the
-    # sigma of the u, v found at registration; it must be the spectral norm
+_TEST = """\
+def {name}(self):
+    # {why}
     for module, input, dim in (
-{cases}
+{{cases}}
     ):
         with self.subTest(module=type(module).__name__):
-            m = torch.nn.utils.spectral_norm(module).eval()
+            m = {register}(module).eval()
             with torch.no_grad():
                 m(input)
-                sigma = m.weight_orig.norm() / m.weight.norm()
-                weight_mat = m.weight_orig.transpose(0, dim).flatten(1)
-                expected = torch.linalg.matrix_norm(weight_mat.double(), 2)
-            self.assertEqual(sigma.double(), expected, atol=0, rtol=1e-4)
-
-"""
-
-_TEST_PARAM = """\
-def test_new_spectral_norm_before_training(self):
-    # sigma is the spectral norm from registration on, not after 15 power
-    # iterations (0.2-3% low on freshly initialized layers)
-    for module, input, dim in (
-{cases}
-    ):
-        with self.subTest(module=type(module).__name__):
-            m = torch.nn.utils.parametrizations.spectral_norm(module).eval()
-            with torch.no_grad():
-                m(input)
-                original = m.parametrizations.weight.original
+                original = {original}
                 sigma = original.norm() / m.weight.norm()
                 weight_mat = original.transpose(0, dim).flatten(1)
                 expected = torch.linalg.matrix_norm(weight_mat.double(), 2)
             self.assertEqual(sigma.double(), expected, atol=0, rtol=1e-4)
 
 """
+
+_TEST_HOOK = _TEST.format(
+    name="test_spectral_norm_before_training",
+    why="gh-51800: an eval() forward right after registration must divide by the spectral norm",
+    register="torch.nn.utils.spectral_norm", original="m.weight_orig")
+
+_TEST_PARAM = _TEST.format(
+    name="test_new_spectral_norm_before_training",
+    why="sigma is the spectral norm from registration on, not after 15 power iterations",
+    register="torch.nn.utils.parametrizations.spectral_norm", original="m.parametrizations.weight.original")
 
 
 def _test_method(template: str, indent: str, decorators: str = "") -> str:

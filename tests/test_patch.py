@@ -103,7 +103,7 @@ def test_the_series_fails_clearly_on_an_unknown_file(tmp_path, source):
         (tmp_path / path).write_text(source)
     with pytest.raises(RuntimeError, match="was not found"):
         _patch.series(tmp_path)
-    run = _cli("--tree", str(tmp_path))
+    run = _cli("--torch-root", str(tmp_path))
     assert run.returncode == 2 and "was not found" in run.stderr
 
 
