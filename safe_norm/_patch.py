@@ -128,6 +128,8 @@ def _converge_singular_vectors(
             ab = torch.stack([alpha[:k], beta[:k]]).to("cpu", torch.float64)
             B = torch.diag(ab[0]) + torch.diag(ab[1, : k - 1], 1)
             P, S, Qh = torch.linalg.svd(B)
+            if not S[0].item() > 0:
+                return  # a zero weight: keep the random draws for the weight it will get
             top = Qh[0]
             r = (ab[1, k - 1] * P[k - 1, 0].abs()).item()
             gap = S[0].item() ** 2 - (S[1].item() ** 2 if k > 1 else 0.0)

@@ -149,6 +149,20 @@ def test_patched_converges_large_and_complex_and_half_weights(patched, api):
         assert rel(sigma, torch.linalg.matrix_norm(W, 2).item()) <= 1e-4
 
 
+def test_patched_hook_api_keeps_its_draws_for_a_zero_weight(patched):
+    """A weight initialised after registration (all zeros before) still gets finite outputs,
+    as unpatched: the convergence leaves the random draws when there is nothing to converge to."""
+    torch.manual_seed(0)
+    for shape in ((30, 20), (20, 30), (300, 200)):
+        m = nn.Linear(shape[1], shape[0])
+        nn.init.zeros_(m.weight)
+        m = patched[0].spectral_norm(m)
+        assert m.weight_u.norm() > 0 and m.weight_v.norm() > 0
+        with torch.no_grad():
+            m.weight_orig.normal_()
+        assert torch.isfinite(m(torch.randn(2, shape[1]))).all()
+
+
 def test_patched_registers_on_the_meta_device(patched):
     hook, param = patched
     with torch.device("meta"):
