@@ -206,22 +206,30 @@ def _missing(path: str, what: str) -> RuntimeError:
                         "patch series is written for (torch 2.1 to 2.15)")
 
 
+def _find(pattern: re.Pattern[str] | str, source: str, path: str, what: str) -> re.Match[str]:
+    """The anchor a patch is placed by, or a clear error naming the file and what is missing."""
+    match = re.search(pattern, source, re.M) if isinstance(pattern, str) else pattern.search(source)
+    if match is None:
+        raise _missing(path, what)
+    return match
+
+
+def _draw_anchor(source: str) -> re.Match[str]:
+    return _find(_ANCHOR, source, HOOK_FILE, "the random initialisation of `u`, `v` in SpectralNorm.apply")
+
+
 def _indented(text: str, indent: str) -> str:
     return "".join(indent + line + "\n" if line else "\n" for line in text.splitlines())
 
 
 def _hook_fixed(source: str) -> str:
-    match = _ANCHOR.search(source)
-    if match is None:
-        raise _missing(HOOK_FILE, "the random initialisation of `u`, `v` in SpectralNorm.apply")
+    match = _draw_anchor(source)
     block = _indented(_FIXED_WARM_UP.format(ns=match["ns"] or ""), match["indent"].lstrip("\n"))
     return source[: match.end()] + block + source[match.end():]
 
 
 def _hook_converged(source: str) -> str:
-    match = _ANCHOR.search(source)
-    if match is None:
-        raise _missing(HOOK_FILE, "the random initialisation of `u`, `v` in SpectralNorm.apply")
+    match = _draw_anchor(source)
     indent = match["indent"].lstrip("\n")
     fixed = _indented(_FIXED_WARM_UP.format(ns=match["ns"] or ""), indent)
     if fixed not in source:
@@ -234,13 +242,10 @@ def _hook_converged(source: str) -> str:
 
 
 def _param_converged(source: str) -> str:
-    match = _PARAM_WARM_UP.search(source)
-    if match is None:
-        raise _missing(PARAM_FILE, "the 15-iteration warm-up in _SpectralNorm.__init__")
+    match = _find(_PARAM_WARM_UP, source, PARAM_FILE, "the 15-iteration warm-up in _SpectralNorm.__init__")
     source = source[: match.start()] + _indented(_PARAM_CONVERGED, match["indent"]) + source[match.end():]
-    imports = re.search(r"^from (torch\.nn\.|\.\.)utils import parametrize\n", source, re.M)
-    if imports is None:
-        raise _missing(PARAM_FILE, "the import of parametrize")
+    imports = _find(r"^from (torch\.nn\.|\.\.)utils import parametrize\n", source, PARAM_FILE,
+                    "the import of parametrize")
     line = ("from torch.nn.utils.spectral_norm import _converge_singular_vectors\n"
             if imports[1] == "torch.nn." else "from .spectral_norm import _converge_singular_vectors\n")
     return source[: imports.end()] + line + source[imports.end():]
@@ -297,22 +302,18 @@ def _test_method(template: str, indent: str, decorators: str = "") -> str:
 
 
 def _test_nn_patched(source: str) -> str:
-    match = _UPDATED_ASSERTION.search(source)
-    if match is None:
-        raise _missing(TEST_NN, "the check that u and v are updated in TestNN.test_spectral_norm")
+    match = _find(_UPDATED_ASSERTION, source, TEST_NN,
+                  "the check that u and v are updated in TestNN.test_spectral_norm")
     source = source[: match.start()] + _indented(_PERTURBED, match["indent"]) + source[match.end():]
-    anchor = re.search(r"^(?P<indent>[ ]+)def test_spectral_norm_dim\(self\):\n", source, re.M)
-    if anchor is None:
-        raise _missing(TEST_NN, "TestNN.test_spectral_norm_dim")
+    anchor = _find(r"^(?P<indent>[ ]+)def test_spectral_norm_dim\(self\):\n", source, TEST_NN,
+                   "TestNN.test_spectral_norm_dim")
     return source[: anchor.start()] + _test_method(_TEST_HOOK, anchor["indent"]) + source[anchor.start():]
 
 
 def _test_param_patched(source: str) -> str:
     # the new test takes the decorators of its neighbour (e.g. @swap([True, False]))
-    anchor = re.search(r"^(?P<decorators>(?:[ ]+@.*\n)*)(?P<indent>[ ]+)def test_new_spectral_norm_dim\(self\):\n",
-                       source, re.M)
-    if anchor is None:
-        raise _missing(TEST_PARAM, "TestNNParametrization.test_new_spectral_norm_dim")
+    anchor = _find(r"^(?P<decorators>(?:[ ]+@.*\n)*)(?P<indent>[ ]+)def test_new_spectral_norm_dim\(self\):\n",
+                   source, TEST_PARAM, "TestNNParametrization.test_new_spectral_norm_dim")
     method = _test_method(_TEST_PARAM, anchor["indent"], anchor["decorators"])
     return source[: anchor.start()] + method + source[anchor.start():]
 
