@@ -279,16 +279,12 @@ def _tracked(state: State, view: View) -> Tensor:
                           basis=state.basis.get(device))
     if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
         return _normalised(view, True)
-    if found.error > tol and not state.warned:
+    if found.checked and found.error > tol and not state.warned:
         state.warned = True
         warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'} stopped at its cap of "
                       f"{found.blocks} blocks with an estimated relative sigma error of "
                       f"{found.error:.1e} (asked: {tol:.0e}); said once per layer", stacklevel=4)
-    # Next time, check where this one stopped; one that passed its first check with room to
-    # spare checks after half as many blocks (a first check that fails costs one more sync
-    # per further block).
-    easy = found.blocks <= state.blocks and found.error <= tol * _power.SAFETY / 4
-    state.blocks = max(1, found.blocks // 2) if easy else max(1, found.blocks)
+    state.blocks = found.next_check
     if found.basis is not None:
         state.basis[device] = found.basis
     return _normalise(view, found.sigma)

@@ -12,6 +12,9 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from safe_norm import _core, _power
 
@@ -90,7 +93,11 @@ def test_tight_tolerances_hold_at_99_percent_of_forwards(api, model, tol):
 
 @pytest.mark.parametrize("api", APIS)
 def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
-    """The guard is what follows it: with one kept vector the crossing below is missed."""
+    """The kept neighbours are what follow it: at the same Krylov depth (the fewest blocks a
+    check takes), with one kept vector the crossing below is missed, with the default it is
+    followed (a deep enough Krylov space finds the new direction from rounding alone)."""
+    monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
+    test_a_level_crossing_is_followed(api)
     monkeypatch.setattr(_power, "TRACK_BLOCK", 1)
     with pytest.raises(AssertionError, match="crossing missed"):
         test_a_level_crossing_is_followed(api)
@@ -230,3 +237,104 @@ def test_compiles_without_graph_breaks(api):
     net(torch.randn(4, 96))  # eager again: tracked
     exact = torch.linalg.matrix_norm(W.double(), 2).item()
     assert abs(torch.dot(u.double(), W.double() @ v.double()).item() / exact - 1) <= 1e-4
+
+
+class _DeviceWaits(TorchDispatchMode):
+    """Records the ops that make the host wait for a GPU when they run on device data.
+
+    With one device here, "host data" is what ``_power._host`` returned and what was computed
+    from host data alone; an op with any other tensor input counts as a device op (on a GPU,
+    the host data would have been copied there first).
+    """
+
+    WAITS = {"_local_scalar_dense", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "_linalg_svd",
+             "linalg_cholesky", "linalg_inv_ex", "linalg_solve_ex", "_linalg_solve_ex", "nonzero", "equal",
+             "is_nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = WeakTensorKeyDictionary()  # the host tensors (keys)
+        self.waits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if inputs and all(t in self.host for t in inputs):
+            self.host.update({t: True for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)})
+        elif func._schema.name.split("::")[-1] in self.WAITS:
+            self.waits.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
+    """The stopping test reads the device once per layer per step (``_power._host``), also
+    where that check misses and more blocks follow; nothing else waits for the device."""
+    mode = _DeviceWaits()
+    reads = []
+    outcomes = []
+    track, host = _power.track_, _power._host
+
+    def counted_host(x):
+        reads.append(x.shape)
+        y = host(x).clone()
+        mode.host[y] = True
+        return y
+
+    def recorded_track(*args, **kwargs):
+        found = track(*args, **kwargs)
+        outcomes.append("exact" if found.blocks == 0 else "more" if found.blocks > max(kwargs["blocks"], 2)
+                        else "checked")
+        return found
+
+    def watched(*args):  # the whole tracked forward, from the layer's decision on
+        with mode:
+            return tracked(*args)
+
+    tracked = _core._tracked
+    monkeypatch.setattr(_power, "_host", counted_host)
+    monkeypatch.setattr(_power, "track_", recorded_track)
+    monkeypatch.setattr(_core, "_tracked", watched)
+    train_errors(api, _mlp, tol, steps=30)
+    assert mode.waits == []
+    # one tracked step per layer and training forward (the parametrization's registration runs one too)
+    assert len(reads) == len(outcomes) >= 30 * 3
+    assert {"exact", "checked", "more"} <= set(outcomes)  # every path ran
+
+
+def _wide_mlp(sn):
+    return nn.Sequential(sn(nn.Linear(256, 1024)), nn.LeakyReLU(0.1), sn(nn.Linear(1024, 1024)), nn.LeakyReLU(0.1),
+                         sn(nn.Linear(1024, 1))), (256,)
+
+
+def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(monkeypatch):
+    """What ``MIN_CHECK`` and ``TRACK_SAFETY`` rest on: at every tracked step of training runs,
+    the bound read after ``MIN_CHECK`` or more blocks is at least the true error of that basis'
+    top Ritz value (so stopping at half the tolerance leaves room); after one block it can be
+    far below it."""
+    ratios: dict[int, float] = {}
+    track = _power.track_
+
+    def replayed(W, u, v, tol, *, blocks, basis):
+        A = W.detach().double()
+        if basis is not None and min(A.shape) > _power.TRACK_EXACT_SIDE:
+            A32 = (A.mT if A.size(1) > A.size(0) else A).float().contiguous()
+            start = (u if A.size(1) > A.size(0) else v).float().reshape(-1, 1)
+            S = _power._orthonormal(torch.cat([start, basis[:, 1:]], 1))
+            AS = A32 @ S
+            S, AS, MS = _power._extend(A32, S, AS, A32.mT @ AS, 7)
+            M = _power._projections(S, AS, MS)
+            exact = torch.linalg.matrix_norm(A, 2).item() ** 2
+            for k in range(1, 9):
+                ritz = _power._ritz(M, k * _power.TRACK_BLOCK)
+                error = (1 - ritz[0][0].item() / exact) / 2
+                if error > 1e-7:  # above float32's rounding of the Ritz value
+                    ratios[k] = max(ratios.get(k, 0.0), error / _power._bound(ritz))
+        return track(W, u, v, tol, blocks=blocks, basis=basis)
+
+    monkeypatch.setattr(_power, "track_", replayed)
+    for model in (_mlp, _conv_d, _wide_mlp):
+        train_errors("hook", model, 1e-4, steps=40)
+    assert all(ratios[k] <= 1 for k in ratios if k >= _power.MIN_CHECK), ratios
+    assert max(ratios[k] for k in range(1, _power.MIN_CHECK)) > 1, ratios
