@@ -237,7 +237,7 @@ TRACK_EXACT_SIDE = 64
 
 #: Most Krylov blocks a tracked step builds (each: TRACK_BLOCK products with W and with Wᴴ).
 #: On a 1024x1024 layer under Adam, where each step turns the top vectors far, the bound
-#: reached 1e-5 after a median of 11 blocks and 1e-7 (for ``track_tol=1e-6``) after up to 22.
+#: reached 1e-5 after 8-17 blocks and 1e-7 (for ``track_tol=1e-6``) after up to 22.
 MAX_TRACK_BLOCKS = 24
 
 #: Blocks built before the first check when there are no kept vectors yet (the first tracked
@@ -250,7 +250,7 @@ FRESH_BLOCKS = 8
 #: Fewest blocks before a tracked step's check: over 1024-wide layers and the SNGAN
 #: discriminator under Adam, the bound read after one or two blocks under-stated the error
 #: up to 19x and 7x (its stand-in for the second singular value is still far too low), from
-#: three on never above 0.7x of it (tests/test_tracking.py replays this).
+#: three on never above 0.7x of it (tests/test_tracking.py replays this on three models).
 MIN_CHECK = 3
 
 #: A tracked step stops where the bound is within this fraction of ``track_tol``.
@@ -349,8 +349,8 @@ def _more_blocks(error: float, before: float, target: float, room: int) -> tuple
     (``before`` one block earlier) above ``target``; and the bound predicted there.  The last
     block's ratio (no faster than :data:`FASTEST_RATE`), extrapolated: block Krylov converges
     faster as it goes, so this predicts too many rather than too few.  Without a ratio below
-    1 (the bound was not yet defined a block earlier, or did not fall), up to the cap."""
-    ratio = max(error / before, FASTEST_RATE) if before < math.inf else math.inf
+    1 (the bound was not defined a block earlier, was 0 there, or did not fall), up to the cap."""
+    ratio = max(error / before, FASTEST_RATE) if 0 < before < math.inf else math.inf
     if not ratio < 1:
         return room, error
     more = min(room, max(1, math.ceil(math.log(target / error) / math.log(ratio))))
@@ -362,8 +362,10 @@ def _top_vector(G: Tensor, target: float) -> Tensor:
     device without a host synchronisation: ``G`` squared ``k`` times (scaled by its trace), then
     the column with the largest diagonal entry, i.e. ``G^(2^k) e_j``.  An eigenvalue ``θ₁ (1 - g)``
     then weighs ``(1 - g)^(2^(k+1))`` in the Rayleigh quotient relative to the top one, which
-    costs at most ``g (1 - g)^(2^(k+1)) ≤ 2^-(k+1)/e`` of ``θ₁`` whatever the gaps; the largest
-    diagonal entry holds at least ``1/d`` of the top direction: ``k`` is chosen for ``target``."""
+    costs at most ``g (1 - g)^(2^(k+1)) ≤ 2^-(k+1)/e`` of ``θ₁`` whatever the gaps, times the
+    start's weight outside the top direction over its weight on it; ``e_j`` with the largest
+    diagonal entry of the (nearly rank-one) result has at least ``1/d`` of it on the top
+    direction: ``k = ⌈log2(d / target)⌉``."""
     d = G.size(0)
     P = G / G.diagonal().sum()
     for _ in range(math.ceil(math.log2(d / target))):
@@ -397,12 +399,13 @@ def track_(
     exact top eigenvector of the Gram matrix instead, solved on the host).  The start block is
     ``v`` (or ``u``) and the kept Ritz vectors ``basis`` (``None`` or stale: fixed-seed draws,
     and :data:`FRESH_BLOCKS` before the check); each further block is ``WᴴW`` times the last.
-    After ``blocks`` blocks (at least 2) the basis' small matrices go to the host, the one
-    synchronisation, which computes the error bound of the top Ritz value
-    (:func:`_cluster_bound`, to a tenth of ``tol``) there and one block earlier.  Within it:
-    the top Ritz pair.  Otherwise the blocks the bound's rate predicts are added (up to
-    :data:`MAX_TRACK_BLOCKS`) and the top Ritz vector of the larger basis is found on the
-    device (:func:`_top_vector`).  ``None`` when ``W`` is zero or not finite.
+    After ``blocks`` blocks (at least :data:`MIN_CHECK`) the basis' small matrices go to the
+    host, the one synchronisation, which computes the error bound of the top Ritz value
+    (:func:`_cluster_bound`, to :data:`TRACK_SAFETY` of ``tol``) for that basis, one block
+    fewer and half of it.  Met: the top Ritz pair.  Missed: the blocks the bound's rate
+    predicts are added (up to :data:`MAX_TRACK_BLOCKS`) and the top Ritz vector of the larger
+    basis is found on the device (:func:`_top_vector`).  ``None`` when ``W`` is zero or not
+    finite.
     """
     if not W.is_meta and _compat.autocast_enabled(W.device.type):
         with torch.autocast(W.device.type, enabled=False):

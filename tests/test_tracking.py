@@ -338,3 +338,18 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
         train_errors("hook", model, 1e-4, steps=40)
     assert all(ratios[k] <= 1 for k in ratios if k >= _power.MIN_CHECK), ratios
     assert max(ratios[k] for k in range(1, _power.MIN_CHECK)) > 1, ratios
+
+
+@pytest.mark.parametrize("gap", [1e-1, 1e-4, 1e-9, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_the_device_side_top_vector_meets_its_target_whatever_the_gap(gap, dtype):
+    """Repeated squaring, as used after a missed check: the Rayleigh quotient of its vector is
+    within the target of the top eigenvalue (float64 eigh as the reference)."""
+    gen = torch.Generator().manual_seed(0)
+    d, target = 48, 1e-7
+    Q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=dtype)).Q
+    values = torch.linspace(0.0, 0.9, d, dtype=torch.float64)
+    values[-2:] = torch.tensor([1.0 - gap, 1.0], dtype=torch.float64)
+    G = (Q * values.to(dtype)) @ Q.mH
+    y = _power._top_vector(G, target)
+    assert (1 - torch.vdot(y.flatten(), (G @ y).flatten()).real.item()) / 2 <= target
