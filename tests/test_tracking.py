@@ -258,9 +258,9 @@ class _DeviceWaits(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if inputs and all(t in self.host for t in inputs):
-            self.host.update({t: True for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)})
+            self.host.update({t: True for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)})
         elif func._schema.name.split("::")[-1] in self.WAITS:
             self.waits.append(str(func))
         return out
