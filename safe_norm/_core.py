@@ -92,7 +92,7 @@ class State:
         self.probe: Tensor | None = None
         self.cache: _Cached | None = None
         self.track = track  # track_tol: sigma kept within it at every training forward
-        self.blocks = 1  # Krylov blocks before a tracked step's first check
+        self.blocks = 1  # Krylov blocks before a tracked step's check (at least _power.MIN_CHECK)
         self.basis: dict[torch.device, Tensor] = {}  # kept Ritz vectors (see _power.track_)
         self.warned = False  # a tracked step stopped at its cap, said once
 

@@ -290,6 +290,15 @@ def _times(A: Tensor, X: Tensor) -> Tensor:
     return A @ X if A.is_contiguous() else (X.mH @ A.mH).mH
 
 
+def _krylov(A: Tensor, start: Tensor, basis: Tensor, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``S``, ``A S``, ``AᴴA S`` for ``blocks`` Krylov blocks from ``start`` (one column) and the
+    kept vectors ``basis`` but its first (the buffer's vector leads: a load or a DDP broadcast
+    may have replaced it)."""
+    S = _orthonormal(torch.cat([start, basis[:, 1:].to(start)], 1))
+    AS = _times(A, S)
+    return _extend(A, S, AS, _times(A.mH, AS), blocks - 1)
+
+
 def _extend(A: Tensor, S: Tensor, AS: Tensor, MS: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
     """``count`` more Krylov blocks: each ``WᴴW`` times the last, orthogonal to all before."""
     for _ in range(count):
@@ -305,11 +314,8 @@ def _projections(S: Tensor, AS: Tensor, MS: Tensor) -> Tensor:
     and residual norms of any combination of the basis in float64, without the cancellation
     a float32 ``‖MS y - θ S y‖`` would suffer near convergence."""
     wide = torch.promote_types(S.dtype, torch.float64)
-    T = torch.cat([S, MS], 1).to(wide)
-    TT = T.mH @ T
-    d = S.size(1)
-    WS = AS.to(wide)
-    return torch.stack([WS.mH @ WS, TT[:d, :d], TT[:d, d:], TT[d:, d:]])
+    S, WS, MS = (X.to(wide) for X in (S, AS, MS))
+    return torch.stack([WS.mH @ WS, S.mH @ S, S.mH @ MS, MS.mH @ MS])
 
 
 def _quad(X: Tensor, Y: Tensor) -> Tensor:
@@ -333,6 +339,7 @@ def _ritz(M: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor] | None:
 
 
 def _bound(ritz: tuple[Tensor, Tensor, Tensor] | None) -> float:
+    """:func:`_cluster_bound` of a :func:`_ritz` result; ``inf`` where there is none."""
     if ritz is None or not ritz[0][0] > 0:
         return math.inf
     return _cluster_bound(ritz[0].tolist(), ritz[1].tolist())
@@ -433,10 +440,7 @@ def track_(
         basis = torch.randn(n, TRACK_BLOCK, generator=generator, device=A.device, dtype=A.real.dtype)
         blocks = max(blocks, FRESH_BLOCKS)
     blocks = min(max(blocks, MIN_CHECK), MAX_TRACK_BLOCKS)
-    # The buffer's vector leads (a load or a DDP broadcast may have replaced it).
-    S = _orthonormal(torch.cat([start, basis[:, 1:].to(work)], 1))
-    AS = _times(A, S)
-    S, AS, MS = _extend(A, S, AS, _times(A.mH, AS), blocks - 1)
+    S, AS, MS = _krylov(A, start, basis, blocks)
     M = _host(_projections(S, AS, MS))  # the one host synchronisation
     # The bound here, a block earlier (the rate) and halfway (where to check next time)
     ritz = {k: _ritz(M, k * TRACK_BLOCK) for k in {blocks, blocks - 1, (blocks + 1) // 2}}
