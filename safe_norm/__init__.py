@@ -6,9 +6,17 @@ Change one import::
     from safe_norm.parametrizations import spectral_norm        # was: torch.nn.utils.parametrizations
 
 ``safe_norm.spectral_norm`` is the function (never a module, unlike ``torch.nn.utils``).
+Every other public name of ``torch.nn.utils`` (``weight_norm``, ``remove_weight_norm``,
+``clip_grad_norm_``, ``parametrize``, ...) is upstream's own object, forwarded, so that real
+import lines such as ``from torch.nn.utils import weight_norm, remove_weight_norm,
+spectral_norm`` need only the module name changed.
 """
 
-from . import parametrizations
+from typing import Any as _Any
+
+import torch.nn.utils as _upstream
+
+from . import _exports, parametrizations
 from ._adopt import Guard, convert, guard
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
 from ._inspect import Audit, AuditRow, audit, sigma
@@ -23,7 +31,9 @@ from ._spectral_norm import (
 
 __version__ = "0.1.0"
 
-__all__ = [
+# safe_norm's own names, then torch.nn.utils's others (its __all__, from the installed torch):
+# `from safe_norm import *` then stands in for `from torch.nn.utils import *` as well.
+__all__ = _exports.star([
     "spectral_norm",
     "remove_spectral_norm",
     "initialize_now",
@@ -42,4 +52,13 @@ __all__ = [
     "WeightDtypeError",
     "DimError",
     "EmptyWeightError",
-]
+], _upstream)
+
+
+# Last, once this package's own submodules are imported (see _exports.lookup).
+def __getattr__(attr: str) -> _Any:
+    return _exports.lookup(__name__, _upstream, attr)
+
+
+def __dir__() -> list[str]:
+    return _exports.names(__name__, _upstream)

@@ -97,19 +97,25 @@ def guard(model: nn.Module) -> Guard:
     return handle
 
 
-def convert(model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL) -> T_module:
-    """Replace upstream's spectral norms in ``model`` (both APIs) with safe_norm's, in place.
+def convert(
+    model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL, rewarm_parametrizations: bool = False
+) -> T_module:
+    """Replace upstream's spectral norms in ``model`` (both APIs) with safe_norm's, in place,
+    without changing a trained model's outputs.
 
     The weights, names, ``state_dict`` keys and hook order stay exactly as they are; the hook
-    or parametrization object becomes safe_norm's class.  Hook-API layers that never trained
-    (:attr:`AuditRow.untrained`: random vectors, told from their content) are warmed up to
-    ``warmup_tol`` as at safe_norm's registration; trained ones keep their vectors, so their
-    outputs in ``train()`` and ``eval()`` are the source's (to float32 rounding in training,
-    MIGRATION B2).  Parametrization-API layers are warmed up whenever their sigma is off by more
-    than ``warmup_tol``: their vectors cannot tell upstream's 15 warm-up steps from training, so
-    a trained layer's sigma is refined too (its outputs move by its sigma error, towards the
-    exact value).  safe_norm's layers are left alone.  ``warmup_tol=None`` warms nothing.
-    Returns ``model``.
+    or parametrization object becomes safe_norm's class.  Layers keep their ``u``, ``v`` bit for
+    bit, so their outputs in ``eval()`` are the source's bit for bit (in ``train()``, to float32
+    rounding: MIGRATION B2), with one exception: hook-API layers that never trained
+    (:attr:`AuditRow.untrained`: upstream's random vectors, told from their content, whose
+    sigma is meaningless) are warmed up to ``warmup_tol`` as at safe_norm's registration.
+    A parametrization-API layer's vectors cannot tell upstream's 15 warm-up steps from
+    training, so they are kept too, and its sigma stays as far off as it was (1-3 % on a
+    freshly built layer; :func:`safe_norm.audit` shows it).  ``rewarm_parametrizations=True``
+    warms those up whenever their sigma is off by more than ``warmup_tol``: right for a model
+    that has not trained yet, and on a trained one it moves the outputs by the sigma error,
+    towards the exact value.  safe_norm's layers are left alone.  ``warmup_tol=None`` warms
+    nothing.  Returns ``model``.
 
     Example::
 
@@ -117,18 +123,29 @@ def convert(model: T_module, *, warmup_tol: float | None = DEFAULT_WARMUP_TOL) -
         >>> from torch import nn
         >>> import safe_norm
         >>> net = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 16)), nn.ReLU(),
-        ...                     nn.utils.parametrizations.spectral_norm(nn.Linear(16, 1)))
-        >>> net = safe_norm.convert(net)
-        >>> [(r.library, abs(r.error) < 1e-4) for r in safe_norm.audit(net)]
-        [('safe_norm', True), ('safe_norm', True)]
+        ...                     nn.utils.parametrizations.spectral_norm(nn.Linear(16, 4)))
+        >>> x = torch.randn(3, 8)
+        >>> _ = net(x)  # a training forward: the hook-API layer's u, v are no longer random
+        >>> with torch.no_grad():
+        ...     before = net.eval()(x)
+        ...     net = safe_norm.convert(net)
+        ...     torch.equal(net(x), before)
+        True
+        >>> fresh = nn.utils.parametrizations.spectral_norm(nn.Linear(16, 4))  # never trained
+        >>> fresh = safe_norm.convert(fresh, rewarm_parametrizations=True)
+        >>> [(r.library, abs(r.error) < 1e-4) for r in safe_norm.audit(fresh)]
+        [('safe_norm', True)]
     """
+    if rewarm_parametrizations and warmup_tol is None:
+        raise ValueError("rewarm_parametrizations=True needs a warmup_tol (got None)")
     found = [layer for layer in layers(model) if layer.library == "upstream"]
     for layer in found:
-        # decided before anything changes; a parametrization's state cannot tell (see above)
-        warm = warmup_tol is not None and untrained(layer) is not False
         if layer.api == "hook":
+            # decided before anything changes: only random vectors are replaced
+            warm = warmup_tol is not None and bool(untrained(layer))
             hook = _spectral_norm.take_over(layer.module, layer.fn)
             hook.start(layer.module, warmup_tol, converge=warm)
         else:
-            parametrizations.take_over(layer.fn, warmup_tol, layer.weight() if warm else None)
+            weight = layer.weight() if rewarm_parametrizations else None
+            parametrizations.take_over(layer.fn, warmup_tol, weight)
     return model

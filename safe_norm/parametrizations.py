@@ -3,6 +3,10 @@
 Usage::
 
     from safe_norm.parametrizations import spectral_norm   # was: torch.nn.utils.parametrizations
+
+Every other public name of ``torch.nn.utils.parametrizations`` (``weight_norm``,
+``orthogonal``, ...) is upstream's own object, forwarded: ``from
+safe_norm.parametrizations import spectral_norm, weight_norm`` works as the upstream line.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
+from torch.nn.utils import parametrizations as _upstream
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNorm
 
-from . import _compat, _core, _power
+from . import _compat, _core, _exports, _power
 from ._errors import (
     check_dtype,
     check_finite,
@@ -28,7 +33,9 @@ from ._errors import (
 from ._lazy import Pending
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
-__all__ = ["spectral_norm"]
+# spectral_norm, then upstream's others (orthogonal, weight_norm): as `from
+# torch.nn.utils.parametrizations import *` gives, with safe_norm's spectral_norm.
+__all__ = _exports.star(["spectral_norm"], _upstream)
 
 # Upstream's fixed warm-up, kept for warmup_tol=None.
 _UPSTREAM_WARMUP_ITERATIONS = 15
@@ -242,3 +249,14 @@ def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
         sn._v.copy_(v)
     if sn._state is not None:
         sn._state.adopt()
+
+
+# Last, so that nothing here is ever taken for upstream's while this module is being built.
+# Other public names are upstream's; private ones (_SpectralNorm, which pickles by this
+# module's name) stay this module's own.
+def __getattr__(attr: str) -> Any:
+    return _exports.lookup(__name__, _upstream, attr)
+
+
+def __dir__() -> list[str]:
+    return _exports.names(__name__, _upstream)
