@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 
 # safe_norm's own names, then torch.nn.utils's others (its __all__, from the installed torch):
 # `from safe_norm import *` then stands in for `from torch.nn.utils import *` as well.
-__all__ = _exports.star([
+__all__ = [
     "spectral_norm",
     "remove_spectral_norm",
     "initialize_now",
@@ -52,7 +52,8 @@ __all__ = _exports.star([
     "WeightDtypeError",
     "DimError",
     "EmptyWeightError",
-], _upstream)
+]
+__all__ += _exports.others(__all__, _upstream)
 
 
 # Last, once this package's own submodules are imported (see _exports.lookup).

@@ -4,9 +4,10 @@ upstream) and :func:`convert` (switch them to safe_norm in place, state kept).""
 from __future__ import annotations
 
 import warnings
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from . import _spectral_norm, parametrizations
@@ -147,5 +148,6 @@ def convert(
             hook.start(layer.module, warmup_tol, converge=warm)
         else:
             weight = layer.weight() if rewarm_parametrizations else None
-            parametrizations.take_over(layer.fn, warmup_tol, weight)
+            owner = cast(parametrize.ParametrizationList, layer.module.parametrizations[layer.name])  # type: ignore[index,union-attr]
+            parametrizations.take_over(layer.fn, warmup_tol, weight, owner=owner)
     return model

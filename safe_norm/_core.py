@@ -8,8 +8,11 @@ Each normalised weight has a :class:`State`.  At a forward the API hands over it
   ``.data`` writes, ``state_dict()`` tensors, ``.to()``, an EMA update — ``u``, ``v`` are
   re-converged (from where they are, after a small change) before the weight is used, in
   ``train()`` or ``eval()``.  The content is compared through ``W r``, the product with a fixed
-  dense probe vector ``r``, kept bitwise from the last convergence.  Once a training forward
-  has run, the power iteration tracks the weight, exactly as upstream.
+  dense probe vector ``r``, and the vectors themselves, kept bitwise from the last convergence
+  (the vectors too: ``torch.func.functional_call`` with other buffers converges those, and the
+  layer's own must not then pass as converged).  ``state_dict()`` settles a pending
+  re-convergence first, so a checkpoint holds the vectors the next forward would use.  Once a
+  training forward has run, the power iteration tracks the weight, exactly as upstream.
 * **Reuse the normalised weight?**  An eval forward with autograd off on the CPU reuses the
   ``W / σ`` it built last, when ``W r``, ``u`` and ``v`` are bitwise the ones it was built from
   and the cached tensor times ``r`` is bitwise what it was (the tensor is handed out, and
@@ -41,7 +44,7 @@ from torch import Tensor
 from . import _compat, _power
 from ._errors import warn_if_short
 
-__all__ = ["View", "State", "forward", "converge", "next_sigma"]
+__all__ = ["View", "State", "forward", "converge", "watch", "settle", "next_sigma"]
 
 # State.ref: take the content found at the next forward as the reference, without re-converging
 _ADOPT = "adopt"
@@ -64,9 +67,7 @@ class View(NamedTuple):
 
 class _Cached(NamedTuple):
     value: Tensor  # W / sigma
-    Wr: Tensor
-    u: Tensor
-    v: Tensor
+    key: Tensor  # W r, u, v it was built from (see _key)
     inference: bool
     value_r: Tensor  # value @ r: the handed-out tensor can be written too, through .data
 
@@ -75,12 +76,13 @@ class State:
     """safe_norm's state of one normalised weight, beyond upstream's buffers.
 
     ``tol`` is the warm-up tolerance (``None``: never re-converge, as upstream).  ``ref`` is
-    ``W r`` as it was when ``u``, ``v`` were last converged for the weight; ``None`` means
+    the :func:`_key` (``W r``, ``u``, ``v``) as it was when ``u``, ``v`` were last converged for
+    the weight; ``None`` means
     "converge at the next forward" (registration on the meta device, an assignment through the
     parametrization).  ``label`` names the weight in warnings.
     """
 
-    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache", "track", "blocks", "basis", "warned")
+    __slots__ = ("tol", "watching", "ref", "label", "probe", "cache", "track", "blocks", "basis")
 
     def __init__(
         self, tol: float | None, *, watching: bool = True, label: str = "", track: float | None = None
@@ -94,7 +96,6 @@ class State:
         self.track = track  # track_tol: sigma kept within it at every training forward
         self.blocks = 1  # Krylov blocks before a tracked step's check (at least _power.MIN_CHECK)
         self.basis: dict[torch.device, Tensor] = {}  # kept Ritz vectors (see _power.track_)
-        self.warned = False  # a tracked step stopped at its cap, said once
 
     def checks(self) -> bool:
         """Whether the next forward compares the weight with :attr:`ref`."""
@@ -109,10 +110,11 @@ class State:
         """Re-converge at the next forward, even after training has started."""
         self.ref = None
 
-    def stale(self, Wr: Tensor) -> bool:
-        """Whether ``u``, ``v`` must be re-converged for the weight whose ``W r`` this is."""
+    def stale(self, key: Tensor) -> bool:
+        """Whether ``u``, ``v`` must be re-converged: the :func:`_key` of the weight and vectors
+        found is not the one they were converged as."""
         ref = self.ref
-        return ref is None or (isinstance(ref, Tensor) and not _same(ref, Wr))
+        return ref is None or (isinstance(ref, Tensor) and not _same(ref, key))
 
     def content(self, W: Tensor) -> Tensor:
         """``W r``, with the probe ``r`` made for ``W``'s width, dtype and device: a fixed-seed
@@ -131,7 +133,13 @@ class State:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.tol, self.watching, self.ref = state["tol"], state["watching"], state["ref"]
         self.label, self.probe, self.cache = state["label"], None, None
-        self.track, self.blocks, self.basis, self.warned = state.get("track"), 1, {}, False
+        self.track, self.blocks, self.basis = state.get("track"), 1, {}
+
+
+def _key(Wr: Tensor, view: View) -> Tensor:
+    """What the checks compare, as one tensor (one comparison, one device synchronisation):
+    the weight's content ``W r`` and the vectors."""
+    return torch.cat([Wr, view.u, view.v])
 
 
 def _comparable(a: Tensor, b: Tensor) -> bool:
@@ -181,21 +189,20 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
             # A weight that just changed (an EMA copy, updated between forwards) is cached
             # from its next forward on.
             cacheable, state.cache = False, None
+        key = _key(Wr, view) if cacheable else None  # type: ignore[arg-type]
         cached = state.cache
         if (
             cacheable
             and cached is not None
             and cached.inference == torch.is_inference_mode_enabled()
-            and _same(cached.Wr, Wr)  # type: ignore[arg-type]
-            and _same(cached.u, view.u)
-            and _same(cached.v, view.v)
+            and _same(cached.key, key)  # type: ignore[arg-type]
             and _same(cached.value_r, _times_probe(state, cached.value, view))
         ):
             return cached.value
         sigma = _power.sigma(W, view.u, view.v)
     value = _normalise(view, sigma)
     if cacheable:
-        state.cache = _Cached(value, Wr, view.u.clone(), view.v.clone(),  # type: ignore[arg-type]
+        state.cache = _Cached(value, key,  # type: ignore[arg-type]
                               torch.is_inference_mode_enabled(), _times_probe(state, value, view))
     return value
 
@@ -206,10 +213,11 @@ def _times_probe(state: State, value: Tensor, view: View) -> Tensor:
 
 def _refresh(state: State, view: View, Wr: Tensor) -> bool:
     """Re-converge if the weight changed since :attr:`State.ref`; return whether it did."""
+    key = _key(Wr, view)
     if isinstance(state.ref, str):  # _ADOPT
-        state.ref = Wr
+        state.ref = key
         return False
-    if not state.stale(Wr):
+    if not state.stale(key):
         return False
     converge(state, view, Wr)
     return True
@@ -229,7 +237,7 @@ def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmU
     W = view.matrix().detach()
     Wr = state.content(W) if Wr is None else Wr
     result = _warm_up(state, view, view.u, view.v, Wr)
-    state.ref = Wr  # the warm-up changed u, v, not W
+    state.ref = _key(Wr, view)  # the vectors as the warm-up left them
     warn_if_short(result, _tol(state), state.label or f"a {tuple(view.weight.shape)} weight")
     return result
 
@@ -241,9 +249,13 @@ def _tol(state: State) -> float:
 def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _power.WarmUp:
     ref = state.ref
     warm = False
-    if isinstance(ref, Tensor) and ref.shape == Wr.shape:
-        ref = ref.to(Wr)  # a move or a dtype change is a small change too
-        warm = bool((Wr - ref).norm() <= _power.WARM_CHANGE * ref.norm())
+    h = Wr.numel()
+    if isinstance(ref, Tensor) and ref.shape == (h + u.numel() + v.numel(),):
+        # A warm start: the vectors are the ones converged for a nearby weight (a move or a
+        # dtype change is a small change too)
+        ref = ref.to(Wr)
+        warm = bool(torch.equal(ref[h:], torch.cat([u, v]).to(Wr))
+                    and (Wr - ref[:h]).norm() <= _power.WARM_CHANGE * ref[:h].norm())
     steps = _power.WARM_STEPS if warm else 0
     return _power.warm_up_(view.matrix().detach(), u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
@@ -271,23 +283,50 @@ def _normalised(view: View, training: bool) -> Tensor:
 
 def _tracked(state: State, view: View) -> Tensor:
     """A training forward with ``track_tol``: sigma within it of the weight's, by block
-    Krylov from the current vectors (:func:`safe_norm._power.track_`)."""
+    Krylov from the current vectors (:func:`safe_norm._power.track_`).  Where that cannot vouch
+    for its result (a large jump of the weight, a degenerate top of the spectrum), the
+    warm-up's solve from the vectors it found; a warning each time that misses too."""
     tol = state.track
     assert tol is not None
     device = view.u.device  # DataParallel replicas share this state: one basis per device
-    found = _power.track_(view.matrix(), view.u, view.v, tol, blocks=state.blocks,
-                          basis=state.basis.get(device))
+    W = view.matrix()
+    found = _power.track_(W, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
     if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
         return _normalised(view, True)
-    if found.checked and found.error > tol and not state.warned:
-        state.warned = True
-        warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'} stopped at its cap of "
-                      f"{found.blocks} blocks with an estimated relative sigma error of "
-                      f"{found.error:.1e} (asked: {tol:.0e}); said once per layer", stacklevel=4)
     state.blocks = found.next_check
     if found.basis is not None:
         state.basis[device] = found.basis
-    return _normalise(view, found.sigma)
+    sigma = found.sigma
+    if not found.met:
+        with torch.no_grad():
+            solved = _power.warm_up_(W.detach(), view.u, view.v, eps=view.eps, tol=tol,
+                                     u_first=view.u_first, reconverge=True)
+            sigma = _power.sigma(W.detach(), view.u, view.v)
+        if solved.error_estimate > tol:
+            warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'}: sigma estimated "
+                          f"within {solved.error_estimate:.1e} only (asked: {tol:.0e})", stacklevel=4)
+    return _normalise(view, sigma)
+
+
+@torch.no_grad()
+def watch(state: State, view: View) -> None:
+    """Watch the weight from now on, with ``u``, ``v`` as they are taken as converged for it
+    (a training forward at registration ran a power step after converging them); converged
+    first if pending (no forward at registration, or a meta weight)."""
+    state.watching = True
+    if state.ref is None:
+        converge(state, view)
+    elif isinstance(state.ref, Tensor) and not view.weight.is_meta:
+        state.ref = _key(state.content(view.matrix().detach()), view)
+
+
+def settle(state: State | None, view: View) -> None:
+    """Re-converge now if the next forward would (a ``state_dict()`` is about to be taken):
+    a checkpoint then holds vectors converged for the weight it holds, and its load, which
+    keeps them exactly, divides by the same sigma as the original would."""
+    if state is not None and state.checks() and not _untracked(view.weight):
+        with torch.no_grad():
+            _refresh(state, view, state.content(view.matrix().detach()))
 
 
 @torch.no_grad()
@@ -297,7 +336,7 @@ def next_sigma(state: State | None, view: View) -> Tensor:
     u, v = view.u, view.v
     if state is not None and state.checks() and not W.is_meta:
         Wr = state.content(W)
-        if state.stale(Wr):
+        if state.stale(_key(Wr, view)):
             u, v = u.clone(), v.clone()
             _warm_up(state, view, u, v, Wr)
     return _power.sigma(W, u, v)

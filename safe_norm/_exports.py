@@ -46,8 +46,8 @@ def names(name: str, upstream: ModuleType) -> list[str]:
     return sorted(set(vars(sys.modules[name])) | {a for a in dir(upstream) if not a.startswith("_")})
 
 
-def star(own: list[str], upstream: ModuleType) -> list[str]:
-    """``__all__``: the module's own public names, then upstream's others, so that
+def others(own: list[str], upstream: ModuleType) -> list[str]:
+    """What ``__all__`` adds to the module's own public names: upstream's others, so that
     ``from safe_norm import *`` stands in for ``from torch.nn.utils import *`` too (with
     safe_norm's spectral norm in place of upstream's)."""
-    return own + [a for a in getattr(upstream, "__all__", ()) if a not in own]
+    return [a for a in getattr(upstream, "__all__", ()) if a not in own]

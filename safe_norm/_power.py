@@ -212,16 +212,17 @@ class _Normalise(torch.autograd.Function):
 class Tracked(NamedTuple):
     """One tracked training step: sigma (detached, the vectors' dtype), the Krylov blocks it
     built, the Ritz vectors to start the next step from (``None`` from the exact solve), the
-    error bound, the block count at which the next step should check, and whether ``error`` was
-    read for the pair taken (``False``: the check missed, more blocks followed, and ``error``
-    is the bound predicted for them)."""
+    error bound of the pair taken, the block count at which the next step should check, the
+    host reads it took (one per check), and whether the bound met the target (``False``: at
+    the cap, the best pair found was written, and the caller must solve properly)."""
 
     sigma: Tensor
     blocks: int
     basis: Tensor | None
     error: float
     next_check: int
-    checked: bool
+    checks: int
+    met: bool
 
 
 #: Vectors kept from one tracked step to the next: the top Ritz vector and the next ones.
@@ -232,12 +233,18 @@ class Tracked(NamedTuple):
 #: neighbours put the cluster in the first block; Rayleigh-Ritz orders it exactly.
 TRACK_BLOCK = 4
 
-#: Up to this many rows or columns, a tracked step solves the small Gram matrix exactly.
-TRACK_EXACT_SIDE = 64
+#: Up to this many rows or columns (the warm-up's :data:`EXACT_SIDE`), a tracked step solves
+#: the small Gram matrix exactly.  Block Krylov is no use there: 24 blocks of 4 vectors would be
+#: more than an 80-wide space holds (seen: a 320x80 layer tracked 10-26 % off), and near the
+#: limit a few blocks already span a large part of it, where a direction outside them can
+#: overtake unseen (a 256x96 layer under Adam: the bound at 3 blocks said 4.4e-4, the error
+#: was 1.2e-3, on one CPU's rounding and not another's).
+TRACK_EXACT_SIDE = 128
 
-#: Most Krylov blocks a tracked step builds (each: TRACK_BLOCK products with W and with Wᴴ).
-#: On a 1024x1024 layer under Adam, where each step turns the top vectors far, the bound
-#: reached 1e-5 after 8-17 blocks and 1e-7 (for ``track_tol=1e-6``) after up to 22.
+#: Most Krylov blocks a tracked step builds (each: TRACK_BLOCK products with W and with Wᴴ),
+#: and never more than the shorter side holds.  On a 1024x1024 layer under Adam, where each
+#: step turns the top vectors far, the bound reached 1e-5 after 8-17 blocks and 1e-7 (for
+#: ``track_tol=1e-6``) after up to 22.  Where it is not met there, the caller solves anew.
 MAX_TRACK_BLOCKS = 24
 
 #: Blocks built before the first check when there are no kept vectors yet (the first tracked
@@ -263,11 +270,19 @@ def _host(x: Tensor) -> Tensor:
 
 
 def _orthonormal(X: Tensor, against: Tensor | None = None) -> Tensor:
-    """Columns of ``X`` made orthonormal (and orthogonal to ``against``'s), as one QR."""
-    if against is not None:
-        for _ in range(2):  # twice is enough
-            X = X - against @ (against.mH @ X)
-    return torch.linalg.qr(X).Q
+    """Columns of ``X`` made orthonormal (and orthogonal to ``against``'s).
+
+    Projected out of ``against`` and orthonormalised twice, the QR inside the loop: where the
+    Krylov space is (nearly) invariant (a degenerate top of the spectrum), what is left of a
+    block after the projection is rounding noise, often nearly dependent, and its QR amplifies
+    the noise's remaining part along ``against`` (seen: columns 0.23 off orthogonal after one
+    projection, QR, and a second projection before it).  Normalised first, the second pass
+    removes it."""
+    if against is None:
+        return torch.linalg.qr(X).Q
+    for _ in range(2):
+        X = torch.linalg.qr(X - against @ (against.mH @ X)).Q
+    return X
 
 
 def _eigh_descending(G: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -351,35 +366,16 @@ def _bound(ritz: tuple[Tensor, Tensor, Tensor] | None) -> float:
 FASTEST_RATE = 0.5
 
 
-def _more_blocks(error: float, before: float, target: float, room: int) -> tuple[int, float]:
-    """Blocks to add, without another check, after a check that found the bound at ``error``
-    (``before`` one block earlier) above ``target``; and the bound predicted there.  The last
-    block's ratio (no faster than :data:`FASTEST_RATE`), extrapolated: block Krylov converges
-    faster as it goes, so this predicts too many rather than too few.  Without a ratio below
-    1 (the bound was not defined a block earlier, was 0 there, or did not fall), up to the cap."""
+def _more_blocks(error: float, before: float, target: float, room: int) -> int:
+    """Blocks to add before the next check, after a check that found the bound at ``error``
+    (``before`` one block earlier) above ``target``: the last block's ratio (no faster than
+    :data:`FASTEST_RATE`), extrapolated.  Block Krylov converges faster as it goes, so this
+    predicts too many rather than too few.  Without a ratio below 1 (the bound was not defined
+    a block earlier, was 0 there, or did not fall), up to the cap."""
     ratio = max(error / before, FASTEST_RATE) if 0 < before < math.inf else math.inf
     if not ratio < 1:
-        return room, error
-    more = min(room, max(1, math.ceil(math.log(target / error) / math.log(ratio))))
-    return more, error * ratio**more
-
-
-def _top_vector(G: Tensor, target: float) -> Tensor:
-    """The top eigenvector of the Hermitian positive semi-definite ``G`` (float64), on its
-    device without a host synchronisation: ``G`` squared ``k`` times (scaled by its trace), then
-    the column with the largest diagonal entry, i.e. ``G^(2^k) e_j``.  An eigenvalue ``θ₁ (1 - g)``
-    then weighs ``(1 - g)^(2^(k+1))`` in the Rayleigh quotient relative to the top one, which
-    costs at most ``g (1 - g)^(2^(k+1)) ≤ 2^-(k+1)/e`` of ``θ₁`` whatever the gaps, times the
-    start's weight outside the top direction over its weight on it; ``e_j`` with the largest
-    diagonal entry of the (nearly rank-one) result has at least ``1/d`` of it on the top
-    direction: ``k = ⌈log2(d / target)⌉``."""
-    d = G.size(0)
-    P = G / G.diagonal().sum()
-    for _ in range(math.ceil(math.log2(d / target))):
-        P = P @ P
-        P = P / P.diagonal().sum()
-    y = P.index_select(1, P.diagonal().real.argmax().reshape(1))
-    return y / y.norm()
+        return room
+    return min(room, max(1, math.ceil(math.log(target / error) / math.log(ratio))))
 
 
 def _take(right: Tensor, left: Tensor, u: Tensor, v: Tensor, transposed: bool) -> Tensor:
@@ -397,22 +393,27 @@ def _take(right: Tensor, left: Tensor, u: Tensor, v: Tensor, transposed: bool) -
 def track_(
     W: Tensor, u: Tensor, v: Tensor, tol: float, *, blocks: int, basis: Tensor | None
 ) -> Tracked | None:
-    """A training step that keeps sigma within ``tol`` of ``σ₁(W)``, with one host
-    synchronisation: block Krylov from the current vectors, with Rayleigh-Ritz; ``u``, ``v``
-    written in place with the top Ritz pair (``u = W v / σ``; for a wide ``W``, iterated from
-    the other side, ``v = Wᴴ u / σ``).
+    """A training step that keeps sigma within ``tol`` of ``σ₁(W)``: block Krylov from the
+    current vectors, with Rayleigh-Ritz; ``u``, ``v`` written in place with the top Ritz pair
+    (``u = W v / σ``; for a wide ``W``, iterated from the other side, ``v = Wᴴ u / σ``).
 
     Works in the space of the shorter side of ``W`` (up to :data:`TRACK_EXACT_SIDE` long: the
     exact top eigenvector of the Gram matrix instead, solved on the host).  The start block is
     ``v`` (or ``u``) and the kept Ritz vectors ``basis`` (``None`` or stale: fixed-seed draws,
     and :data:`FRESH_BLOCKS` before the check); each further block is ``WᴴW`` times the last.
+    No random direction in it: one in a kept vector's place made the bound read after a few
+    blocks less reliable (it adds Ritz values far below their eigenvalues, and the bound
+    stands the next one in for the rest of the spectrum: error/bound up to 1.2 at 3 blocks on
+    the test MLP, against 0.34 without), and where the Krylov space stalls (an invariant
+    subspace: a degenerate top) :func:`_orthonormal` turns the rounding left into new
+    directions anyway.
     After ``blocks`` blocks (at least :data:`MIN_CHECK`) the basis' small matrices go to the
-    host, the one synchronisation, which computes the error bound of the top Ritz value
+    host (one synchronisation), which computes the error bound of the top Ritz value
     (:func:`_cluster_bound`, to :data:`TRACK_SAFETY` of ``tol``) for that basis, one block
     fewer and half of it.  Met: the top Ritz pair.  Missed: the blocks the bound's rate
-    predicts are added (up to :data:`MAX_TRACK_BLOCKS`) and the top Ritz vector of the larger
-    basis is found on the device (:func:`_top_vector`).  ``None`` when ``W`` is zero or not
-    finite.
+    predicts are added and the check repeats (one more read each), up to the cap (the fewer of
+    :data:`MAX_TRACK_BLOCKS` and what the space holds); missed there, the best pair is written
+    and ``met`` is ``False``.  ``None`` when ``W`` is zero or not finite.
     """
     if not W.is_meta and _compat.autocast_enabled(W.device.type):
         with torch.autocast(W.device.type, enabled=False):
@@ -432,44 +433,43 @@ def track_(
             return None
         right = pairs[1][:, :1].to(A)
         sigma = _take(right, _times(A, right), u, v, transposed)
-        return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, True)
+        return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, 1, True)
     target = tol * TRACK_SAFETY
+    cap = min(MAX_TRACK_BLOCKS, n // TRACK_BLOCK)  # a Krylov space no larger than the space
     start = (u if transposed else v).to(work).reshape(n, 1)
     if basis is None or basis.shape != (n, TRACK_BLOCK) or basis.device != A.device:
         generator = torch.Generator(A.device).manual_seed(START_SEED)
         basis = torch.randn(n, TRACK_BLOCK, generator=generator, device=A.device, dtype=A.real.dtype)
         blocks = max(blocks, FRESH_BLOCKS)
-    blocks = min(max(blocks, MIN_CHECK), MAX_TRACK_BLOCKS)
+    blocks = min(max(blocks, MIN_CHECK), cap)
     S, AS, MS = _krylov(A, start, basis, blocks)
-    M = _host(_projections(S, AS, MS))  # the one host synchronisation
-    # The bound here, a block earlier (the rate) and halfway (where to check next time)
-    ritz = {k: _ritz(M, k * TRACK_BLOCK) for k in {blocks, blocks - 1, (blocks + 1) // 2}}
-    now = ritz[blocks]
-    if now is None or not now[0][0] > 0:
-        return None
-    bound = {k: _bound(r) for k, r in ritz.items()}
-    # The bound is not monotone; a smaller basis that met it vouches for the whole one's top
-    # pair (whose value is larger), unless that value shows it wrong (a direction the smaller
-    # basis missed).  The smallest one that met it is where the next step checks.
-    top = now[0][0].item()
-    passed = [k for k, r in ritz.items() if k >= MIN_CHECK and bound[k] <= target
-              and (top / r[0][0].item() - 1) / 2 <= bound[k]]  # type: ignore[index]
-    if passed or blocks == MAX_TRACK_BLOCKS:
-        Y = now[2][:, :TRACK_BLOCK].to(S)
-        right = S @ Y
-        sigma = _take(right[:, :1], AS @ Y[:, :1], u, v, transposed)
-        error = min((bound[k] for k in passed), default=bound[blocks])
-        return Tracked(sigma.to(u.dtype), blocks, right, error, min(passed, default=blocks), True)
-    more, predicted = _more_blocks(bound[blocks], bound[blocks - 1], target, MAX_TRACK_BLOCKS - blocks)
-    d = S.size(1)
-    S, AS, MS = _extend(A, S, AS, MS, more)
-    WS = AS.to(torch.promote_types(work, torch.float64))
-    y = _top_vector(WS.mH @ WS, target).to(S)
-    right = S @ y
-    sigma = _take(right, AS @ y, u, v, transposed)
-    # kept: the new top vector and the check's next Ritz vectors
-    kept = _orthonormal(torch.cat([right, S[:, :d] @ now[2][:, 1:TRACK_BLOCK].to(S)], 1))
-    return Tracked(sigma.to(u.dtype), blocks + more, kept, predicted, blocks + more, False)
+    checks = 0
+    while True:
+        M = _host(_projections(S, AS, MS))  # the one host synchronisation of a check
+        checks += 1
+        # The bound here, a block earlier (the rate) and halfway (where to check next time)
+        ritz = {k: _ritz(M, k * TRACK_BLOCK) for k in {blocks, blocks - 1, (blocks + 1) // 2}}
+        now = ritz[blocks]
+        if now is None or not now[0][0] > 0:
+            return None
+        bound = {k: _bound(r) for k, r in ritz.items()}
+        # The bound is not monotone; a smaller basis that met it vouches for the whole one's
+        # top pair (whose value is larger), unless that value shows it wrong (a direction the
+        # smaller basis missed).  The smallest one that met it is where the next step checks.
+        top = now[0][0].item()
+        passed = [k for k, r in ritz.items() if k >= MIN_CHECK and bound[k] <= target
+                  and (top / r[0][0].item() - 1) / 2 <= bound[k]]  # type: ignore[index]
+        if passed or blocks == cap:
+            break
+        more = _more_blocks(bound[blocks], bound[blocks - 1], target, cap - blocks)
+        S, AS, MS = _extend(A, S, AS, MS, more)
+        blocks += more
+    Y = now[2][:, :TRACK_BLOCK].to(S)
+    right = S @ Y
+    sigma = _take(right[:, :1], AS @ Y[:, :1], u, v, transposed)
+    error = min((bound[k] for k in passed), default=bound[blocks])
+    return Tracked(sigma.to(u.dtype), blocks, right, error, min(passed, default=blocks), checks,
+                   bool(passed))
 
 
 def _cluster_bound(theta: list[float], r2: list[float]) -> float:

@@ -124,6 +124,12 @@ class SpectralNorm(_UpstreamSpectralNorm):
         self._state = _core.State(tol, watching=converge, label=label, track=track)
         if converge and tol is not None:
             _core.converge(self._state, self.view(module))
+        module.register_state_dict_pre_hook(self.settle)
+
+    def settle(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        """Before ``state_dict()``: a pending re-convergence now, so that the checkpoint holds
+        the vectors the next forward would use (a load keeps them exactly)."""
+        _core.settle(self._state, self.view(module))
 
 
 def take_over(module: nn.Module, fn: _UpstreamSpectralNorm) -> SpectralNorm:
@@ -257,6 +263,10 @@ def remove_spectral_norm(module: T_module, name: str = "weight") -> T_module:
             pending.uninstall(module)  # a lazy module's registration that never completed
             return module
     _upstream_remove_spectral_norm(module, name)
+    for key, hook in list(module._state_dict_pre_hooks.items()):
+        owner = getattr(hook, "__self__", None)  # SpectralNorm.settle, bound
+        if isinstance(owner, SpectralNorm) and owner.name == name:
+            del module._state_dict_pre_hooks[key]
     # Upstream looks for its hook class among the load pre-hooks, but torch stores them
     # wrapped in _WrappedHook, so upstream never finds it; unwrap and remove it here.
     for key, hook in list(module._load_state_dict_pre_hooks.items()):

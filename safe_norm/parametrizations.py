@@ -35,7 +35,8 @@ from ._spectral_norm import DEFAULT_WARMUP_TOL
 
 # spectral_norm, then upstream's others (orthogonal, weight_norm): as `from
 # torch.nn.utils.parametrizations import *` gives, with safe_norm's spectral_norm.
-__all__ = _exports.star(["spectral_norm"], _upstream)
+__all__ = ["spectral_norm"]
+__all__ += _exports.others(__all__, _upstream)
 
 # Upstream's fixed warm-up, kept for warmup_tol=None.
 _UPSTREAM_WARMUP_ITERATIONS = 15
@@ -103,12 +104,8 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         """Registration's state: ``u``, ``v`` converged for ``weight``, changes watched until the
         first training forward (registration's own forward, which converged them, does not
         count)."""
-        state = self._state
-        if state is None or state.tol is None:
-            return
-        state.watching = True
-        if state.ref is None:  # no forward at registration (unsafe), or a meta weight
-            _core.converge(state, self.view(weight))
+        if self._state is not None and self._state.tol is not None:
+            _core.watch(self._state, self.view(weight))
 
     @torch.no_grad()
     def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
@@ -126,20 +123,36 @@ class _SpectralNorm(_UpstreamSpectralNorm):
 
 
 def take_over(
-    p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: Tensor | None = None
+    p: _UpstreamSpectralNorm, warmup_tol: float | None, converge_for: Tensor | None = None, *,
+    owner: parametrize.ParametrizationList | None = None,
 ) -> _SpectralNorm:
     """Make upstream's parametrization safe_norm's, state untouched unless ``converge_for``
     (the weight) is given; without it, it behaves as one that has trained (no watching; an
-    assignment still re-converges, P2)."""
+    assignment still re-converges, P2).  ``owner``: the parametrization list holding it, whose
+    ``state_dict()`` then settles a pending re-convergence first."""
     p.__class__ = _SpectralNorm
     ours = cast(_SpectralNorm, p)
     _compat.register_load_pre_hook(ours, _adopt_on_load)
+    if owner is not None:
+        settle_on_save(owner)
     ours.warmup_tol = warmup_tol
     ours._state = _core.State(warmup_tol, watching=False) if hasattr(ours, "_u") else None
     if ours._state is not None and converge_for is not None and warmup_tol is not None:
         ours._state.force()
         ours.watch(converge_for)
     return ours
+
+
+def settle_on_save(owner: parametrize.ParametrizationList) -> None:
+    """Have ``owner.state_dict()`` first run a re-convergence that its next forward would: the
+    checkpoint then holds vectors converged for the weight it holds."""
+    owner.register_state_dict_pre_hook(_settle)
+
+
+def _settle(owner: parametrize.ParametrizationList, prefix: str, keep_vars: bool) -> None:
+    for p in owner:
+        if isinstance(p, _SpectralNorm) and p._state is not None:
+            _core.settle(p._state, p.view(owner.original))
 
 
 def _adopt_on_load(module: _SpectralNorm, state_dict: dict, prefix: str, *args: object) -> None:
@@ -228,7 +241,9 @@ def spectral_norm(
     if sn._state is not None:
         sn._state.label = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, sn)
-    sn.watch(cast(parametrize.ParametrizationList, module.parametrizations[name]).original)  # type: ignore[index]
+    owner = cast(parametrize.ParametrizationList, module.parametrizations[name])  # type: ignore[index]
+    sn.watch(owner.original)
+    settle_on_save(owner)
     return module
 
 

@@ -30,10 +30,11 @@ def _mlp(sn):
 
 
 def _conv_d(sn):
+    # its two 256-row layers are tracked by Krylov, the others solved exactly
     return nn.Sequential(
-        sn(nn.Conv2d(3, 32, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(32, 64, 4, 2, 1)), nn.LeakyReLU(0.1),
-        sn(nn.Conv2d(64, 64, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(64, 128, 4, 2, 1)), nn.LeakyReLU(0.1),
-        nn.Flatten(), sn(nn.Linear(128 * 4 * 4, 1)),
+        sn(nn.Conv2d(3, 64, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(64, 128, 4, 2, 1)), nn.LeakyReLU(0.1),
+        sn(nn.Conv2d(128, 256, 3, 1, 1)), nn.LeakyReLU(0.1), sn(nn.Conv2d(256, 256, 4, 2, 1)), nn.LeakyReLU(0.1),
+        nn.Flatten(), sn(nn.Linear(256 * 4 * 4, 1)),
     ), (3, 16, 16)
 
 
@@ -45,11 +46,14 @@ def _layers(net: nn.Module) -> list[nn.Module]:
 
 
 def train_errors(api: str, model, tol: float | None, steps: int, seed: int = 0, *,
-                 krylov_only: bool = False) -> list[float]:
+                 krylov_only: bool = False, perturb: float = 0.0) -> list[float]:
     """|sigma used / exact - 1| at every training forward, every layer: hinge loss on random
     data, Adam(lr 2e-4, betas (0, 0.9)).  The sigma used is ``uᵀWv`` after the forward (the
     tracked step leaves ``u = Wv / σ``, or ``v = Wᴴu / σ``), W the weight that forward used;
-    exact: float64 SVD.  ``krylov_only``: only layers longer than the exact solve's limit."""
+    exact: the top eigenvalue of the smaller Gram matrix in float64.  ``krylov_only``: only
+    layers longer than the exact solve's limit.  ``perturb``: before each step every weight is
+    multiplied by ``1 + perturb * N(0, 1)`` (a stand-in for another machine's rounding, which
+    sends the same seed down a slightly different trajectory)."""
     ours, _ = APIS[api]
     kwargs = {} if tol is None else {"track_tol": tol}
     torch.manual_seed(seed)
@@ -57,17 +61,21 @@ def train_errors(api: str, model, tol: float | None, steps: int, seed: int = 0, 
     layers = _layers(net)
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
     gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(10_000 + seed)
     errors = []
     for _ in range(steps):
+        if perturb:
+            with torch.no_grad():
+                for m in layers:
+                    W = sn_state(m)[0]
+                    W.mul_(1 + perturb * torch.randn(W.shape, generator=noise))
         real, fake = torch.randn(16, *shape, generator=gen) + 1, torch.randn(16, *shape, generator=gen)
-        weights = [sn_state(m)[0].detach().double().flatten(1) for m in layers]
+        weights = [sn_state(m)[0].detach().clone() for m in layers]
         out = net(torch.cat([real, fake]))
         for m, W in zip(layers, weights):
-            if krylov_only and min(W.shape) <= _power.TRACK_EXACT_SIDE:
+            if krylov_only and min(W.flatten(1).shape) <= _power.TRACK_EXACT_SIDE:
                 continue  # solved exactly: counted in the worst-case test only
-            _, u, v = sn_state(m)
-            used = torch.dot(u.double(), W @ v.double()).item()
-            errors.append(abs(used / torch.linalg.matrix_norm(W, 2).item() - 1))
+            errors.append(_used_error(m, W))
         loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
         opt.zero_grad(), loss.backward(), opt.step()
     return errors
@@ -94,10 +102,21 @@ def test_tight_tolerances_hold_at_99_percent_of_forwards(api, model, tol):
 @pytest.mark.parametrize("api", APIS)
 def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
     """The kept neighbours are what follow it: at the same Krylov depth (the fewest blocks a
-    check takes), with one kept vector the crossing below is missed, with the default it is
-    followed (a deep enough Krylov space finds the new direction from rounding alone)."""
+    check takes), with the default the checks of the crossing steps vouch for them; with one
+    kept vector the check is fooled and the crossing below is
+    missed (a deep enough Krylov space finds the new direction from rounding alone)."""
+    met = []
+    track = _power.track_
+
+    def recorded(*args, **kwargs):
+        found = track(*args, **kwargs)
+        met.append(found.met)
+        return found
+
+    monkeypatch.setattr(_power, "track_", recorded)
     monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
     test_a_level_crossing_is_followed(api)
+    assert all(met[-4:])  # the crossing steps, once the neighbours are known: no new solve
     monkeypatch.setattr(_power, "TRACK_BLOCK", 1)
     with pytest.raises(AssertionError, match="crossing missed"):
         test_a_level_crossing_is_followed(api)
@@ -269,8 +288,9 @@ class _DeviceWaits(TorchDispatchMode):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("tol", [1e-4, 1e-6])
 def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
-    """The stopping test reads the device once per layer per step (``_power._host``), also
-    where that check misses and more blocks follow; nothing else waits for the device."""
+    """The stopping test reads the device once per check (``_power._host``): once per layer
+    and step where the first check meets the target, once more for each further check;
+    nothing else waits for the device."""
     mode = _DeviceWaits()
     reads = []
     outcomes = []
@@ -284,7 +304,7 @@ def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
 
     def recorded_track(*args, **kwargs):
         found = track(*args, **kwargs)
-        outcomes.append("exact" if found.blocks == 0 else "checked" if found.checked else "more")
+        outcomes.append((found.checks, "exact" if found.blocks == 0 else "checked" if found.checks == 1 else "more"))
         return found
 
     def watched(*args):  # the whole tracked forward, from the layer's decision on
@@ -297,9 +317,11 @@ def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
     monkeypatch.setattr(_core, "_tracked", watched)
     train_errors(api, _mlp, tol, steps=30)
     assert mode.waits == []
-    # one tracked step per layer and training forward (the parametrization's registration runs one too)
-    assert len(reads) == len(outcomes) >= 30 * 3
-    assert {"exact", "checked", "more"} <= set(outcomes)  # every path ran
+    # one tracked step per layer and training forward (the parametrization's registration runs
+    # one too), one read per check
+    assert len(outcomes) >= 30 * 3
+    assert len(reads) == sum(checks for checks, _ in outcomes)
+    assert {"exact", "checked", "more"} <= {path for _, path in outcomes}  # every path ran
 
 
 def _wide_mlp(sn):
@@ -320,8 +342,9 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
         if basis is not None and min(A.shape) > _power.TRACK_EXACT_SIDE:
             wide = A.size(1) > A.size(0)
             A32 = W.detach().float().contiguous()
+            A32 = A32.mT if wide else A32
             start = (u if wide else v).float().reshape(-1, 1)
-            M = _power._projections(*_power._krylov(A32.mT if wide else A32, start, basis, 8))
+            M = _power._projections(*_power._krylov(A32, start, basis, 8))
             exact = torch.linalg.matrix_norm(A, 2).item() ** 2
             for k in range(1, 9):
                 ritz = _power._ritz(M, k * _power.TRACK_BLOCK)
@@ -337,16 +360,97 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
     assert max(ratios[k] for k in range(1, _power.MIN_CHECK)) > 1, ratios
 
 
-@pytest.mark.parametrize("gap", [1e-1, 1e-4, 1e-9, 0.0])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_the_device_side_top_vector_meets_its_target_whatever_the_gap(gap, dtype):
-    """Repeated squaring, as used after a missed check: the Rayleigh quotient of its vector is
-    within the target of the top eigenvalue (float64 eigh as the reference)."""
+def _exact(W: torch.Tensor) -> float:
+    W = W.detach().double().flatten(1)
+    G = W.mT @ W if W.size(0) >= W.size(1) else W @ W.mT
+    return torch.linalg.eigvalsh(G)[-1].sqrt().item()
+
+
+def _used_error(m: nn.Module, W: torch.Tensor) -> float:
+    """|sigma used / exact - 1| for the forward that just ran on ``W`` (a copy of it)."""
+    _, u, v = sn_state(m)
+    W = W.detach().double().flatten(1)
+    return abs(torch.dot(u.double(), W @ v.double()).item() / _exact(W) - 1)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_no_krylov_space_is_larger_than_the_space_it_lives_in(api):
+    """Every shorter side from 60 to 140, tall and wide weights in turn, Adam: every training
+    forward within the tolerance (a 320x80 layer was 10-26 % off when 24 blocks of 4 vectors
+    were built in its 80-dimensional space)."""
+    ours, _ = APIS[api]
+    tol = 1e-4
+    worst = {}
+    for side in range(60, 141):
+        torch.manual_seed(side)
+        long = 2 * side + 17
+        tall = side % 2 == 0
+        layer = nn.Linear(side, long) if tall else nn.Linear(long, side)
+        net = nn.Sequential(ours(layer, track_tol=tol), nn.LeakyReLU(0.2), nn.Linear(layer.out_features, 1))
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+        gen = torch.Generator().manual_seed(side)
+        errors = []
+        for _ in range(40):
+            x = torch.randn(32, layer.in_features, generator=gen)
+            x[:16] += 1
+            W = sn_state(net[0])[0].detach().clone()
+            out = net(x)
+            errors.append(_used_error(net[0], W))
+            loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+        worst[side] = max(errors)
+    assert max(worst.values()) <= tol, {s: e for s, e in worst.items() if e > tol}
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_degenerate_top_of_the_spectrum_is_tracked(api):
+    """An orthogonal init (BigGAN's: all singular values 1), tracked on that weight, then one
+    singular value raised by 9 % along the direction least present in the kept vectors.  The
+    Krylov space is invariant after one block and the rest of the basis is orthonormalised
+    rounding noise: with one projection before the QR it came out 0.23 off orthogonal, and the
+    step divided by a sigma 8 % low."""
+    ours, _ = APIS[api]
+    n = 160
+    torch.manual_seed(0)
+    m = ours(nn.Linear(n, 200), track_tol=1e-4)
+    W = sn_state(m)[0]
     gen = torch.Generator().manual_seed(0)
-    d, target = 48, 1e-7
-    Q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=dtype)).Q
-    values = torch.linspace(0.0, 0.9, d, dtype=torch.float64)
-    values[-2:] = torch.tensor([1.0 - gap, 1.0], dtype=torch.float64)
-    G = (Q * values.to(dtype)) @ Q.mH
-    y = _power._top_vector(G, target)
-    assert (1 - torch.vdot(y.flatten(), (G @ y).flatten()).real.item()) / 2 <= target
+    U = torch.linalg.qr(torch.randn(200, n, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    with torch.no_grad():
+        W.copy_(U @ V.mT)
+    x = torch.randn(2, n, generator=gen)
+    for _ in range(4):
+        m(x)
+    _, u, v = sn_state(m)
+    kept = torch.linalg.qr(torch.cat([v.reshape(-1, 1), _state(m).basis[v.device]], 1)).Q
+    raised = torch.ones(n)
+    raised[(V.mT @ kept).norm(dim=1).argmin()] = 1.09
+    with torch.no_grad():
+        W.copy_(U @ torch.diag(raised) @ V.mT)
+    m(x)
+    assert _used_error(m, W) <= 1e-4
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_one_large_update_is_tracked(api):
+    """A WGAN-GP-like step that takes sigma from about 1 to about 70 (SGD, lr 0.05 on a large
+    gradient): the next tracked forward divides by the new sigma, where upstream's one power
+    iteration is far off."""
+    ours, theirs = APIS[api]
+    errors = {}
+    for name, sn in (("ours", lambda m: ours(m, track_tol=1e-4)), ("upstream", theirs)):
+        torch.manual_seed(0)
+        net = nn.Sequential(sn(nn.Linear(192, 256)), nn.LeakyReLU(0.2), nn.Linear(256, 1))
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(4):
+            x = torch.randn(64, 192, generator=gen)
+            W = sn_state(net[0])[0].detach().clone()
+            out = net(x)
+            errors[name] = _used_error(net[0], W)
+            scale = 5e4 if step == 2 else 1.0  # one huge loss
+            opt.zero_grad(), (scale * out.square().mean()).backward(), opt.step()
+        assert _exact(sn_state(net[0])[0]) > 20
+    assert errors["ours"] <= 1e-4
+    assert errors["upstream"] > 1e-2
