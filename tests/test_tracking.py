@@ -454,3 +454,52 @@ def test_one_large_update_is_tracked(api):
         assert _exact(sn_state(net[0])[0]) > 20
     assert errors["ours"] <= 1e-4
     assert errors["upstream"] > 1e-2
+
+
+def _not_met_steps(api: str, monkeypatch, steps: int = 12) -> tuple[list[bool], list[float]]:
+    """Training forwards of a 300x200 layer with the cap at the fewest blocks a check takes:
+    (whether each tracked step's check met its target, each forward's error)."""
+    ours, _ = APIS[api]
+    met = []
+    track = _power.track_
+
+    def recorded(*args, **kwargs):
+        found = track(*args, **kwargs)
+        met.append(found.met)
+        return found
+
+    monkeypatch.setattr(_power, "track_", recorded)
+    monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
+    torch.manual_seed(0)
+    net = nn.Sequential(ours(nn.Linear(300, 200), track_tol=1e-6), nn.LeakyReLU(0.2), nn.Linear(200, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    errors = []
+    for _ in range(steps):
+        W = sn_state(net[0])[0].detach().clone()
+        out = net(torch.randn(32, 300))
+        errors.append(_used_error(net[0], W))
+        opt.zero_grad(), out.square().mean().backward(), opt.step()
+    return met, errors
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_step_its_krylov_space_cannot_vouch_for_is_solved_anew(api, monkeypatch):
+    """Where the check misses at the cap, the warm-up's Lanczos solve from the vectors found
+    takes over: every forward still within the tolerance."""
+    met, errors = _not_met_steps(api, monkeypatch)
+    assert not all(met)
+    assert max(errors) <= 1e-6
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_new_solve_that_misses_too_warns_every_time(api, monkeypatch):
+    solve = _power.warm_up_
+
+    def short(*args, **kwargs):
+        return solve(*args, **kwargs)._replace(error_estimate=1.0)  # as if it had stopped short
+
+    monkeypatch.setattr(_power, "warm_up_", short)
+    with pytest.warns(UserWarning, match="tracking") as caught:
+        met, _ = _not_met_steps(api, monkeypatch)
+    tracking = [w for w in caught if "tracking" in str(w.message)]  # not the registration's
+    assert len(tracking) == met.count(False) > 1
