@@ -122,6 +122,10 @@ class State:
         r = self.probe
         if r is None or r.shape[0] != W.shape[1] or r.dtype != W.dtype or r.device != W.device:
             r = self.probe = _power.fixed_draw(W.shape[1], like=W)
+        if _compat.autocast_enabled(W.device.type):
+            # in the weight's dtype, as outside autocast: the same weight gives the same product
+            with torch.autocast(W.device.type, enabled=False):
+                return torch.mv(W, r)
         return torch.mv(W, r)
 
     # Copies carry the decisions (ref, track), not the cached weight or the tracking's working

@@ -540,6 +540,11 @@ def warm_up_(
     zero or is not finite (an all-zero weight, for instance), ``u`` and ``v`` are left as they
     were: they never become zero or NaN here.
     """
+    if not W.is_meta and _compat.autocast_enabled(W.device.type):
+        # Under autocast the products would run in half precision, against float32 vectors
+        with torch.autocast(W.device.type, enabled=False):
+            return warm_up_(W, u, v, eps=eps, tol=tol, max_steps=max_steps, exact_side=exact_side,
+                            u_first=u_first, warm_steps=warm_steps, reconverge=reconverge)
     if u_first:
         W, u, v = oriented(W, u, v, True)
     if min(W.shape) == 0:

@@ -49,3 +49,28 @@ def test_audit_and_convert_on_cuda():
     rows = safe_norm.audit(net)
     assert all(r.library == "safe_norm" and abs(r.error) < 1e-4 for r in rows)
     assert safe_norm.sigma(net[0]).is_cuda
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_reconvergence_under_cuda_autocast(api, monkeypatch):
+    """As tests/test_precision.py's CPU test, where autocast also runs ``mv`` in float16: the
+    content check is computed in the weight's dtype, so a second autocast forward finds
+    nothing to re-converge."""
+    from safe_norm import _power
+
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(300, 200).cuda())
+    weight = m.weight_orig if api == "hook" else m.parametrizations.weight.original
+    with torch.no_grad():
+        weight.mul_(1 + 1e-3 * torch.randn_like(weight))
+    x = torch.randn(4, 300, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        m.eval()(x)
+    assert rel(used_sigma(m), exact_sigma(weight.cpu())) < 1e-4
+    calls = []
+    warm_up = _power.warm_up_
+    monkeypatch.setattr(_power, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
+    with torch.autocast("cuda", dtype=torch.float16):
+        m(x)
+    assert not calls

@@ -73,3 +73,31 @@ def test_autocast_training(api, device, dtype):
         weight = sn_state(layer)[0]
         assert torch.isfinite(weight).all()
         assert rel(used_sigma(layer), exact_sigma(weight.cpu())) < 1e-2
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("shape", [(32, 64), (200, 300), (64, 1)])
+def test_a_reconvergence_under_cpu_autocast(api, shape, monkeypatch):
+    """A weight written before training, its next forward under ``torch.autocast`` (bfloat16):
+    the re-convergence runs in the weight's dtype (it raised a dtype mismatch in ``addmv``),
+    and a second autocast forward finds nothing to re-converge (CPU autocast leaves ``mv`` in
+    float32; tests/test_cuda.py checks the content product where CUDA's would not)."""
+    from safe_norm import _power
+
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    m = ours(nn.Linear(*shape))
+    weight = sn_state(m)[0]
+    with torch.no_grad():
+        weight.mul_(1 + 1e-3 * torch.randn(weight.shape))
+    x = torch.randn(4, shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.eval()(x)
+    assert rel(used_sigma(m), exact_sigma(weight)) < 1e-4
+    calls = []
+    warm_up = _power.warm_up_
+    monkeypatch.setattr(_power, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    m(x)
+    assert not calls
