@@ -40,7 +40,8 @@ __all__ = [
 DEFAULT_WARMUP_TOL = 1e-4
 
 #: Upper bound on the Lanczos steps of a warm-up (each costs about one power iteration).
-#: Default-initialised layers up to 4096x4096 need fewer than 60 for 1e-4.
+#: Default-initialised layers up to 4096x4096 need at most about 60 for 1e-4 (measured over
+#: 20 seeds: 60 on 1024x4096, 59 on 2048x2048).
 MAX_WARMUP_STEPS = 128
 
 #: The error bound below stands the second Ritz value in for sigma_2, which under-states the

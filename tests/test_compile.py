@@ -10,7 +10,7 @@ from torch import nn
 
 from safe_norm import _compat
 
-from .helpers import APIS, close
+from .helpers import APIS, close, sn_state
 
 pytestmark = pytest.mark.slow
 REPORT: list[str] = []  # printed at the end of the run by conftest.py
@@ -58,16 +58,44 @@ def test_compiled_matches_eager_without_breaks_or_recompiles(api, model):
         eager.train(), compiled_net.train()
         with torch._dynamo.config.patch(error_on_recompile=step >= 1):  # compiled once, reused
             out_c = compiled(x)
-        out_e = eager(x)
-        assert close(out_c, out_e)
+        out_e, terms = _with_terms(eager, x)
+        assert (out_c - out_e).abs().max().item() <= 1e-5 * terms, step
         out_e.square().mean().backward()
         out_c.square().mean().backward()
         opt_e.step(), opt_c.step(), opt_e.zero_grad(), opt_c.zero_grad()
-    for (k, a), b in zip(eager.state_dict().items(), compiled_net.state_dict().values(), strict=True):
-        assert close(b, a), k
+    for (name, layer), twin in zip(eager.named_children(), compiled_net.children(), strict=True):
+        mine, theirs = list(layer.named_parameters()), list(twin.parameters())
+        if mine:  # a layer's parameters as one vector: see _with_terms for the head's bias
+            a, b = (torch.cat([p.detach().flatten() for p in ps]) for ps in ([p for _, p in mine], theirs))
+            assert (b - a).norm() <= 1e-5 * a.norm(), name
+        for (k, a), b in zip(layer.named_buffers(), twin.buffers(), strict=True):
+            assert close(b, a), (name, k)  # u, v: unit vectors
     eager.eval(), compiled_net.eval()
     x = torch.randn(*shape)
     with torch.no_grad():
-        assert close(compiled(x), eager(x))
+        out_e, terms = _with_terms(eager, x)
+        assert (compiled(x) - out_e).abs().max().item() <= 1e-5 * terms
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(x)  # the eval graph, compiled once
+
+
+def _with_terms(net: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``net(x)``, and the size of the terms its one-output head sums, ``max |h| |W_sn|ᵀ + |b|``.
+
+    Both nets end in a one-output ``Linear``, trained towards 0 by the square loss: its output
+    and its bias are small differences of much larger terms (the output 22x smaller than them,
+    typically, for a 512-wide head with random weights), so their roundings are judged at the
+    terms' size, and the bias with its layer's weight, not on its own.  Measured, eager against
+    compiled, over 20 weight draws (x (1 + 0.3 N(0, 1))) x 2 roundings (x (1 + 1e-7 N(0, 1))):
+    against their own size up to 0.5 of the 1e-5 on outputs and 4.4 on that bias; as compared
+    here at most 0.15 on outputs, 0.17 on a layer's parameters, 0.10 on u, v."""
+    head = net[-1]
+    seen = {}
+    hook = head.register_forward_pre_hook(lambda module, args: seen.update(h=args[0].detach()))
+    try:
+        out = net(x)
+    finally:
+        hook.remove()
+    W = sn_state(head)[0]  # not head.weight: in the parametrization API that runs a power step
+    W_sn = W.abs() / torch.linalg.matrix_norm(W.double(), 2).item()
+    return out, ((seen["h"].abs() @ W_sn.T) + head.bias.detach().abs()).max().item()
