@@ -89,8 +89,11 @@ def main() -> None:
             for model, api, tol, perturbed, seed in itertools.product(
                 args.models.split(","), args.apis.split(","), tols, (False, True), range(args.seeds))]
     start = time.perf_counter()
+    results = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        results = pool.map(_run, jobs, chunksize=1)
+        for result in pool.imap_unordered(_run, jobs):
+            results.append(result)
+            print(f"{len(results)}/{len(jobs)} runs, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     rows: dict[tuple, dict[str, object]] = {}
     for r in results:
         row = rows.setdefault(r["key"], {"runs": 0, "ratios": [], "more": 0, "solved": 0, "tracked": 0})

@@ -99,13 +99,10 @@ def test_tight_tolerances_hold_at_99_percent_of_forwards(api, model, tol):
     assert max(errors) < 1e-4  # where float32 stops it (README)
 
 
-@pytest.mark.parametrize("api", APIS)
-def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
-    """The kept neighbours are what follow it: at the same Krylov depth (the fewest blocks a
-    check takes), with the default the checks of the crossing steps vouch for them; with one
-    kept vector the check is fooled and the crossing below is
-    missed (a deep enough Krylov space finds the new direction from rounding alone)."""
-    met = []
+def _met_at_the_fewest_blocks(monkeypatch) -> list[bool]:
+    """Cap tracked steps at the fewest blocks a check takes; returns the list that then records
+    whether each step's check met its target."""
+    met: list[bool] = []
     track = _power.track_
 
     def recorded(*args, **kwargs):
@@ -115,6 +112,16 @@ def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
 
     monkeypatch.setattr(_power, "track_", recorded)
     monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
+    return met
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
+    """The kept neighbours are what follow it: at the same Krylov depth (the fewest blocks a
+    check takes), with the default the checks of the crossing steps vouch for them; with one
+    kept vector the check is fooled and the crossing below is
+    missed (a deep enough Krylov space finds the new direction from rounding alone)."""
+    met = _met_at_the_fewest_blocks(monkeypatch)
     test_a_level_crossing_is_followed(api)
     assert all(met[-4:])  # the crossing steps, once the neighbours are known: no new solve
     monkeypatch.setattr(_power, "TRACK_BLOCK", 1)
@@ -460,16 +467,7 @@ def _not_met_steps(api: str, monkeypatch, steps: int = 12) -> tuple[list[bool], 
     """Training forwards of a 300x200 layer with the cap at the fewest blocks a check takes:
     (whether each tracked step's check met its target, each forward's error)."""
     ours, _ = APIS[api]
-    met = []
-    track = _power.track_
-
-    def recorded(*args, **kwargs):
-        found = track(*args, **kwargs)
-        met.append(found.met)
-        return found
-
-    monkeypatch.setattr(_power, "track_", recorded)
-    monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
+    met = _met_at_the_fewest_blocks(monkeypatch)
     torch.manual_seed(0)
     net = nn.Sequential(ours(nn.Linear(300, 200), track_tol=1e-6), nn.LeakyReLU(0.2), nn.Linear(200, 1))
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
