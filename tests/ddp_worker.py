@@ -6,6 +6,7 @@ Not a test module itself (spawned processes import it by name).
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -21,6 +22,9 @@ CONFIGS = [(api, lazy, None) for api in ("hook", "parametrization") for lazy in 
 CONFIGS += [("hook", True, 1e-4), ("parametrization", False, 1e-4)]
 STEPS = int(os.environ.get("SAFE_NORM_DDP_STEPS", "4"))
 BATCH = 8  # split evenly over the ranks
+# Rendezvous and collective timeout. A run takes seconds, but on a loaded 2-core CI machine one
+# rank can still be importing torch long after the other is waiting for it at the rendezvous.
+TIMEOUT_S = 180
 
 
 def build(api: str, lazy: bool, track: float | None = None) -> nn.Module:
@@ -65,14 +69,32 @@ def run(rank: int, world: int, out_dir: str) -> None:
     # Rendezvous through a file: a port picked free in the parent can be taken by another
     # process before rank 0 binds it (gloo then binds its own ports on the loopback address).
     store = f"file://{os.path.join(out_dir, 'rendezvous')}"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=TIMEOUT_S))
     try:
         for api, lazy, track in CONFIGS:
             ddp = DistributedDataParallel(build(api, lazy, track))
             state = train(ddp, rank, world)
             torch.save(state, os.path.join(out_dir, f"{api}-{lazy}-{track}-rank{rank}.pt"))
-        # Both ranks leave together: a rank that tears its gloo pair down while the other still
-        # sends aborted once in ~12 runs ("terminate called without an active exception").
+        # No rank leaves while the other may still be sending it the last collective's data.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def spawned(rank: int, world: int, out_dir: str) -> None:
+    """Entry point of a spawned rank: run, then leave without shutting the interpreter down.
+
+    The process group outlives destroy_process_group here: DDP keeps references to it, so gloo's
+    worker threads are never joined. One of them may still be freeing a finished allreduce (or
+    the barrier work that holds it) when the main thread has already begun Python's shutdown;
+    the work holds a Python object, freeing it takes the GIL, Python ends the thread with
+    pthread_exit, the unwind meets a noexcept destructor and the rank aborts ("terminate called
+    without an active exception", about one run in 50 on a busy machine, after every result was
+    saved). os._exit skips that shutdown. An exception still takes the usual path (traceback
+    file, exit code 1), so the parent reports it whatever happens at exit.
+    """
+    run(rank, world, out_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
