@@ -50,4 +50,7 @@ def others(own: list[str], upstream: ModuleType) -> list[str]:
     """What ``__all__`` adds to the module's own public names: upstream's others, so that
     ``from safe_norm import *`` stands in for ``from torch.nn.utils import *`` too (with
     safe_norm's spectral norm in place of upstream's)."""
-    return [a for a in getattr(upstream, "__all__", ()) if a not in own]
+    names = getattr(upstream, "__all__", None)
+    if names is None:  # torch 2.1's torch.nn.utils has none: its star import takes every public name
+        names = [a for a in vars(upstream) if not a.startswith("_")]
+    return [a for a in names if a not in own]
