@@ -234,13 +234,19 @@ class Tracked(NamedTuple):
 #: neighbours put the cluster in the first block; Rayleigh-Ritz orders it exactly.
 TRACK_BLOCK = 4
 
+#: Up to this many rows or columns, the warm-up solves the small Gram matrix exactly: Lanczos
+#: from a start vector that happens to be nearly orthogonal to the top singular vector can
+#: settle on sigma_2 with a tiny residual (seen once in 360 small default-initialised layers:
+#: a 64x48 conv weight, 0.85 % low), and at this size the exact solve costs no more.
+EXACT_SIDE = 128
+
 #: Up to this many rows or columns (the warm-up's :data:`EXACT_SIDE`), a tracked step solves
 #: the small Gram matrix exactly.  Block Krylov is no use there: 24 blocks of 4 vectors would be
 #: more than an 80-wide space holds (seen: a 320x80 layer tracked 10-26 % off), and near the
 #: limit a few blocks already span a large part of it, where a direction outside them can
 #: overtake unseen (a 256x96 layer under Adam: the bound at 3 blocks said 4.4e-4, the error
 #: was 1.2e-3, on one CPU's rounding and not another's).
-TRACK_EXACT_SIDE = 128
+TRACK_EXACT_SIDE = EXACT_SIDE
 
 #: Most Krylov blocks a tracked step builds (each: TRACK_BLOCK products with W and with Wᴴ),
 #: and never more than the shorter side holds.  On a 1024x1024 layer under Adam, where each
@@ -621,11 +627,6 @@ WARM_CHANGE = 1e-2
 #: cold solve (tests/test_power.py sweeps update sizes; after an EMA step 2 usually suffice).
 WARM_STEPS = 8
 
-#: Up to this many rows or columns, the warm-up solves the small Gram matrix exactly: Lanczos
-#: from a start vector that happens to be nearly orthogonal to the top singular vector can
-#: settle on sigma_2 with a tiny residual (seen once in 360 small default-initialised layers:
-#: a 64x48 conv weight, 0.85 % low), and at this size the exact solve costs no more.
-EXACT_SIDE = 128
 
 
 def _exact_top(W: Tensor) -> tuple[Tensor, float, WarmUp] | None:
