@@ -280,6 +280,16 @@ def _host(x: Tensor) -> Tensor:
     return x.cpu()
 
 
+def _back(x: Tensor, like: Tensor) -> Tensor:
+    """Host data ``x`` on ``like``'s device, in its dtype.  To a CUDA device through pinned
+    memory, not blocking: a copy from pageable memory waits for the device (it would be a
+    second synchronisation in every check).  The caching host allocator keeps the pinned
+    block until the copy has run."""
+    if like.device.type == "cuda":
+        return x.to(like.dtype).pin_memory().to(like.device, non_blocking=True)
+    return x.to(like)
+
+
 def _orthonormal(X: Tensor, against: Tensor | None = None) -> Tensor:
     """Columns of ``X`` made orthonormal (and orthogonal to ``against``'s).
 
@@ -442,7 +452,7 @@ def track_(
         pairs = _eigh_descending(_host(wide.mH @ wide))
         if pairs is None or not pairs[0][0] > 0:
             return None
-        right = pairs[1][:, :1].to(A)
+        right = _back(pairs[1][:, :1], A)
         sigma = _take(right, _times(A, right), u, v, transposed)
         return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, 1, True)
     target = tol * TRACK_SAFETY
@@ -475,7 +485,7 @@ def track_(
         more = _more_blocks(bound[blocks], bound[blocks - 1], target, cap - blocks)
         S, AS, MS = _extend(A, S, AS, MS, more)
         blocks += more
-    Y = now[2][:, :TRACK_BLOCK].to(S)
+    Y = _back(now[2][:, :TRACK_BLOCK], S)
     right = S @ Y
     sigma = _take(right[:, :1], AS @ Y[:, :1], u, v, transposed)
     error = min((bound[k] for k in passed), default=bound[blocks])

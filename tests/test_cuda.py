@@ -74,3 +74,39 @@ def test_a_reconvergence_under_cuda_autocast(api, monkeypatch):
     with torch.autocast("cuda", dtype=torch.float16):
         m(x)
     assert not calls
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_tracked_step_synchronises_once_per_check_on_cuda(api, monkeypatch):
+    """CUDA's sync debug mode warns at every synchronisation: a tracked forward's count is its
+    checks (the copy back to the device goes through pinned memory, without waiting)."""
+    import warnings
+
+    from safe_norm import _power
+
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    net = nn.Sequential(ours(nn.Linear(96, 256), track_tol=1e-4), nn.ReLU(),
+                        ours(nn.Linear(256, 256), track_tol=1e-4)).cuda()
+    x = torch.randn(32, 96, device="cuda")
+    for _ in range(2):
+        net(x).square().mean().backward()
+    checks = []
+    track = _power.track_
+
+    def counted(*args, **kwargs):
+        found = track(*args, **kwargs)
+        checks.append(found.checks)
+        return found
+
+    monkeypatch.setattr(_power, "track_", counted)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = net(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.is_cuda and len(checks) == 2
+    assert sum("synchroniz" in str(w.message) for w in caught) == sum(checks)
