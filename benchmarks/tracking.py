@@ -17,6 +17,7 @@ Adam(lr 2e-4, betas (0, 0.9)) step; random data.
    Targets (issue): tracking at 1e-4 <= 1.3x on the SNGAN discriminator, <= 2.0x on the MLP.
 
 Run:  python benchmarks/tracking.py [--steps 60] [--rounds 5] [--k 5] [--models sngan,mlp]
+          [--device cuda] [--variants "upstream, 1 power iteration;safe_norm, track_tol=0.0001"]
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ MODELS = {"sngan": sngan_d, "mlp": mlp}
 
 
 class Trainer:
-    def __init__(self, model, variant: str, seed: int = 0) -> None:
+    def __init__(self, model, variant: str, seed: int = 0, device: str = "cpu") -> None:
         torch.manual_seed(seed)
         self.net, self.shape, self.batch = model(VARIANTS[variant])
+        self.device = torch.device(device)
+        self.net.to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=2e-4, betas=(0.0, 0.9))
         self.gen = torch.Generator().manual_seed(seed)
         self.layers = [m for m in self.net if hasattr(m, "weight_u")]
@@ -73,7 +76,7 @@ class Trainer:
     def step(self) -> None:
         real = torch.randn(self.batch, *self.shape, generator=self.gen) + 1
         fake = torch.randn(self.batch, *self.shape, generator=self.gen)
-        out = self.net(torch.cat([real, fake]))
+        out = self.net(torch.cat([real, fake]).to(self.device))
         loss = torch.relu(1 - out[: self.batch]).mean() + torch.relu(1 + out[self.batch:]).mean()
         self.opt.zero_grad()
         loss.backward()
@@ -86,8 +89,8 @@ def exact_sigma(W: torch.Tensor) -> float:
     return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt().item()
 
 
-def errors(model, variant: str, steps: int) -> list[float]:
-    t = Trainer(model, variant)
+def errors(model, variant: str, steps: int, device: str = "cpu") -> list[float]:
+    t = Trainer(model, variant, device=device)
     out = []
     for _ in range(steps):
         weights = [m.weight_orig.detach().clone() for m in t.layers]
@@ -99,18 +102,25 @@ def errors(model, variant: str, steps: int) -> list[float]:
     return out
 
 
-def timings(model, rounds: int, k: int) -> dict[str, tuple[float, float]]:
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timings(model, rounds: int, k: int, variants: list[str], device: str = "cpu") -> dict[str, tuple[float, float]]:
     """variant -> (median ms per step, median ratio to the baseline within a round)."""
-    trainers = {name: Trainer(model, name) for name in VARIANTS}
+    trainers = {name: Trainer(model, name, device=device) for name in variants}
     for t in trainers.values():  # warm: allocations, the first (re-converging) forward
         for _ in range(3):
             t.step()
-    per_round: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    per_round: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, t in trainers.items():
+            _wait(t.device)
             start = time.perf_counter()
             for _ in range(k):
                 t.step()
+            _wait(t.device)
             per_round[name].append((time.perf_counter() - start) / k)
     base = per_round[BASELINE]
     return {name: (statistics.median(ms) * 1e3, statistics.median(a / b for a, b in zip(ms, base)))
@@ -123,20 +133,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--k", type=int, default=5, help="steps per variant per timing round")
     parser.add_argument("--models", default="sngan,mlp")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help=f"';'-separated, from: {'; '.join(VARIANTS)} (the baseline is always run)")
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if v in {BASELINE, *args.variants.split(";")}]
+    unknown = set(args.variants.split(";")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, CPU, 1 thread; error over {args.steps} steps, all layers; "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"torch {torch.__version__}, {where}, 1 CPU thread; error over {args.steps} steps, all layers; "
           f"time: {args.rounds} rounds x {args.k} steps")
     for name in args.models.split(","):
         model = MODELS[name]
-        cost = timings(model, args.rounds, args.k)
+        cost = timings(model, args.rounds, args.k, variants, args.device)
         print(f"\n{name}\n\n| scheme | worst error | median error | within tol | ms / step | x upstream 1 PI |"
               "\n|---|---|---|---|---|---|")
         for variant, (ms, ratio) in cost.items():
             if variant == "no spectral norm":
                 print(f"| {variant} | - | - | - | {ms:.1f} | {ratio:.2f} |")
                 continue
-            e = errors(model, variant, args.steps)
+            e = errors(model, variant, args.steps, args.device)
             tol = float(variant.split("=")[1]) if "track_tol=" in variant else None
             within = "-" if tol is None else f"{sum(x <= tol for x in e) / len(e):.1%}"
             print(f"| {variant} | {max(e):.1e} | {statistics.median(e):.1e} | {within} | {ms:.1f} | {ratio:.2f} |",
