@@ -14,6 +14,10 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
+# scripts/gpu_check.py runs the suite once more with the default device set to CUDA.
+if os.environ.get("SAFE_NORM_TEST_DEVICE"):
+    torch.set_default_device(os.environ["SAFE_NORM_TEST_DEVICE"])
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

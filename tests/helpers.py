@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations as upstream_parametrizations
 from torch.nn.utils import spectral_norm as upstream_spectral_norm
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 import safe_norm
 import safe_norm.parametrizations
@@ -141,3 +144,47 @@ def roundtrip(state_dict: dict) -> dict:
     torch.save(state_dict, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records (``ops``) the ops that make the host wait for ``device``: those in ``WAITS`` and
+    copies to the host, when an input is device data, and copies from pageable host memory.
+
+    On the CPU, with one device, "host data" is what the test marks in ``host`` (what
+    ``_power._host`` returned) and what was computed from host data alone; an op with any
+    other tensor input counts as a device op (on a GPU, the host data would have been copied
+    there first): what a GPU would wait for, less the copies back to it, which the CPU cannot
+    tell from no copy."""
+
+    WAITS = {"_local_scalar_dense", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "_linalg_svd",
+             "linalg_cholesky", "linalg_inv_ex", "linalg_solve_ex", "_linalg_solve_ex", "nonzero", "equal",
+             "is_nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__()
+        self.device = device
+        self.host = WeakTensorKeyDictionary()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        name = func._schema.name.split("::")[-1]
+        if self.device.type == "cpu":
+            if inputs and all(t in self.host for t in inputs):
+                self.host.update({t: True for t in outputs})
+            elif inputs and name in self.WAITS:
+                self.ops.append(name)
+            return out
+        on_device = any(t.device.type == self.device.type for t in inputs)
+        if on_device and (name in self.WAITS or any(t.device.type == "cpu" for t in outputs)):
+            self.ops.append(name)
+        elif name in ("_to_copy", "copy_") and any(t.device.type == self.device.type for t in outputs):
+            # host to device: without waiting only from pinned memory, asked not to block
+            source = args[1] if name == "copy_" else args[0]
+            blocking = not (args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False))
+            if source.device.type == "cpu" and (blocking or not source.is_pinned()):
+                self.ops.append(f"{name} from pageable host memory")
+        return out

@@ -12,13 +12,10 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from safe_norm import _core, _power
 
-from .helpers import APIS, roundtrip, sn_state
+from .helpers import APIS, DeviceWaits, roundtrip, sn_state
 
 pytestmark = pytest.mark.slow
 
@@ -269,40 +266,13 @@ def test_compiles_without_graph_breaks(api):
     assert abs(torch.dot(u.double(), W.double() @ v.double()).item() / exact - 1) <= 1e-4
 
 
-class _DeviceWaits(TorchDispatchMode):
-    """Records the ops that make the host wait for a GPU when they run on device data.
-
-    With one device here, "host data" is what ``_power._host`` returned and what was computed
-    from host data alone; an op with any other tensor input counts as a device op (on a GPU,
-    the host data would have been copied there first).
-    """
-
-    WAITS = {"_local_scalar_dense", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "_linalg_svd",
-             "linalg_cholesky", "linalg_inv_ex", "linalg_solve_ex", "_linalg_solve_ex", "nonzero", "equal",
-             "is_nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.host = WeakTensorKeyDictionary()  # the host tensors (keys)
-        self.waits: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if inputs and all(t in self.host for t in inputs):
-            self.host.update({t: True for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)})
-        elif func._schema.name.split("::")[-1] in self.WAITS:
-            self.waits.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("tol", [1e-4, 1e-6])
 def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
     """The stopping test reads the device once per check (``_power._host``): once per layer
     and step where the first check meets the target, once more for each further check;
     nothing else waits for the device."""
-    mode = _DeviceWaits()
+    mode = DeviceWaits()
     reads = []
     outcomes = []
     track, host = _power.track_, _power._host
@@ -327,7 +297,7 @@ def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
     monkeypatch.setattr(_power, "track_", recorded_track)
     monkeypatch.setattr(_core, "_tracked", watched)
     train_errors(api, _mlp, tol, steps=30)
-    assert mode.waits == []
+    assert mode.ops == []
     # one tracked step per layer and training forward (the parametrization's registration runs
     # one too), one read per check
     assert len(outcomes) >= 30 * 3

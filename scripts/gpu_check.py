@@ -1,0 +1,577 @@
+"""The GPU check: the README's CUDA claims measured in one run, printed as one table.
+
+On a machine with a CUDA device, from the repository root (about 6 minutes on one GPU; every
+step has its own time limit, and the whole run stops starting new steps after ``--budget``
+seconds)::
+
+    python scripts/gpu_check.py --install --out gpu_check.md
+
+The CPU dry run (CI runs it, under a minute): the same code, CUDA's own steps reported as
+skipped::
+
+    python scripts/gpu_check.py --device cpu --quick
+
+Sections (each row: what was measured, what the README claims, a verdict):
+
+1. ``tests``: the CUDA tests (skipped where there is no CUDA), then the suite with the default
+   device set to the device (``SAFE_NORM_TEST_DEVICE``; failures listed, for review: a test
+   that draws from a CPU generator fails under a CUDA default device for its own reasons).
+2. ``syncs``: host synchronisations per forward or training step, upstream's and safe_norm's:
+   on CUDA counted by ``torch.cuda.set_sync_debug_mode`` (every warning is one), and on every
+   device by a dispatch mode that records the ops which wait for the device (``.item()``,
+   ``equal``, ``nonzero``, eigensolvers, copies to the host) when they read device data.
+3. ``autocast``: float16 and bfloat16 training of the SNGAN discriminator, side by side with
+   upstream from identical weights and ``u``, ``v``.
+4. ``graphs``: CUDA-graph capture of a trained model's training step, and
+   ``torch.compile(mode="reduce-overhead")``, where upstream's works.
+5. ``memory``: peak memory of a training step against upstream's.
+6. ``benchmarks``: every benchmark script with ``--device``, short settings.
+7. ``smoke``: ``real_usage_smoke.py`` (the team's, when present; ``--smoke PATH``) with the
+   default device set to the device.
+
+Exit status 1 when a row's verdict is FAIL. The table (and each step's output) goes to
+``--out`` as Markdown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Imported after torch and the path: the repository's own safe_norm, its tests' helpers, the
+# benchmarks' SNGAN discriminator.
+import safe_norm  # noqa: E402
+from safe_norm import _power  # noqa: E402
+from tests.helpers import APIS, DeviceWaits, exact_sigma, sn_state, used_sigma  # noqa: E402
+from tracking import sngan_d  # noqa: E402
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    item: str
+    measured: str
+    claim: str
+    verdict: str  # ok, FAIL, info, skipped
+
+
+@dataclasses.dataclass
+class Check:
+    device: torch.device
+    quick: bool
+    deadline: float
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (title, text)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def row(self, section: str, item: str, measured: object, claim: str, ok: bool | None) -> None:
+        verdict = "info" if ok is None else "ok" if ok else "FAIL"
+        self.rows.append(Row(section, item, str(measured), claim, verdict))
+
+    def skip(self, section: str, item: str, why: str) -> None:
+        self.rows.append(Row(section, item, "-", why, "skipped"))
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------
+# Host synchronisations
+
+
+class Counting:
+    """A context that counts what its body makes the host wait for: ``dispatch``, the waits
+    :class:`DeviceWaits` saw (on the CPU plus each of ``_power._host``'s reads); ``cuda``, the
+    warnings of CUDA's sync debug mode; ``checks``, the checks of the tracked steps that ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mode = DeviceWaits(device)
+        self.counts: dict[str, int] = {"checks": 0, "reads": 0, "cuda": 0, "dispatch": 0}
+        self.ops: list[str] = []
+
+    def __enter__(self) -> Counting:
+        host, track = self._saved = _power._host, _power.track_
+
+        def read(x: torch.Tensor) -> torch.Tensor:
+            self.counts["reads"] += 1
+            y = host(x)
+            if self.device.type == "cpu":  # x.cpu() is x itself: mark a copy as the host's
+                y = y.clone()
+                self.mode.host[y] = True
+            return y
+
+        def tracked(*args, **kwargs):
+            found = track(*args, **kwargs)
+            if found is not None:
+                self.counts["checks"] += found.checks
+            return found
+
+        _power._host, _power.track_ = read, tracked
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.set_sync_debug_mode("warn")
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        self._warnings.__exit__(*exc)
+        _power._host, _power.track_ = self._saved
+        self.counts["cuda"] = sum("synchroniz" in str(w.message) for w in self._caught)
+        self.counts["dispatch"] = len(self.mode.ops) + (self.counts["reads"] if self.device.type == "cpu" else 0)
+        self.ops = self.mode.ops
+
+
+def _mlp(sn: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Sequential:
+    """One layer of each path: 96 wide (solved exactly when tracked), 256 (block Krylov), 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(sn(nn.Linear(96, 256)), nn.LeakyReLU(0.2), sn(nn.Linear(256, 256)), nn.LeakyReLU(0.2),
+                         sn(nn.Linear(256, 1))).to(device)
+
+
+def _trainer(net: nn.Module, device: torch.device, width: int = 96):
+    """A hinge-loss training step; ``step(around)`` runs its forward and backward inside the
+    context ``around`` (the counts), the optimizer's step outside it (Adam reads its step count
+    on the host, upstream's and ours alike)."""
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    gen = torch.Generator().manual_seed(0)
+
+    def step(around: contextlib.AbstractContextManager | None = None) -> None:
+        x = torch.randn(32, width, generator=gen).to(device)
+        net.train()
+        with around or contextlib.nullcontext():
+            out = net(x)
+            loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+
+    return step
+
+
+def section_syncs(c: Check) -> None:
+    x = torch.randn(8, 96).to(c.device)
+
+    def measure(item: str, claim: Callable[[dict], int] | None, claim_text: str, build) -> None:
+        """``build()`` returns ``run(around)``, which runs the measured work inside ``around``."""
+        run = build()
+        counter = Counting(c.device)
+        run(counter)
+        counts = counter.counts
+        if c.cuda:
+            expected = claim(counts) if claim else None
+            measured = f"{counts['cuda']} (dispatch {counts['dispatch']})"
+            ok = None if expected is None else counts["cuda"] == expected == counts["dispatch"]
+        else:
+            expected = claim(counts) if claim else None
+            measured = f"dispatch {counts['dispatch']}"
+            ok = None if expected is None else counts["dispatch"] == expected
+        ops = ", ".join(sorted(set(counter.ops))) or "-"
+        checks = f", {counts['checks']} checks" if counts["checks"] else ""
+        c.row("syncs", item, f"{measured} [{ops}]{checks}", claim_text, ok)
+
+    layers = 3
+    for api, (ours, theirs) in APIS.items():
+        def upstream_step(theirs=theirs):
+            step = _trainer(_mlp(theirs, c.device), c.device)
+            step()
+            return step
+
+        def first_step(ours=ours):
+            return _trainer(_mlp(ours, c.device), c.device)
+
+        def trained_step(ours=ours):
+            step = _trainer(_mlp(ours, c.device), c.device)
+            step(), step()
+            return step
+
+        def tracked_step(ours=ours):
+            step = _trainer(_mlp(lambda m: ours(m, track_tol=1e-4), c.device), c.device)
+            step(), step()
+            return step
+
+        def watched_eval(ours=ours):
+            net = _mlp(ours, c.device).eval()
+
+            def forward(around):
+                with around:
+                    net(x)
+            return forward
+
+        def trained_eval(ours=ours):
+            net = _mlp(ours, c.device)
+            step = _trainer(net, c.device)
+            step()
+            net.eval()
+
+            def forward(around=None):
+                with around or contextlib.nullcontext(), torch.no_grad():
+                    net(x)
+            forward()  # the CPU's cache is built here and checked below
+            return forward
+
+        measure(f"upstream {api}: training step", lambda _: 0, "0", upstream_step)
+        measure(f"safe_norm {api}: first training step after registration", lambda _: layers,
+                f"{layers}: one comparison per watched layer", first_step)
+        measure(f"safe_norm {api}: training step", lambda _: 0, "0: the power step carries no check", trained_step)
+        measure(f"safe_norm {api}: tracked training step (track_tol=1e-4)", lambda n: n["checks"],
+                "one per check (the count of checks)", tracked_step)
+        measure(f"safe_norm {api}: watched eval forward", lambda _: layers,
+                f"{layers}: one comparison per watched layer", watched_eval)
+        measure(f"safe_norm {api}: trained eval forward, no_grad", (lambda _: 0) if c.cuda else None,
+                "0 off the CPU (no cache there); on the CPU the cache's content checks", trained_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast, graphs, memory
+
+
+def _sngan_pair(api: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Upstream's and safe_norm's SNGAN discriminator with the same weights and ``u``, ``v``:
+    safe_norm's, converged at registration (upstream's own are random, or 2 % off)."""
+    ours, theirs = APIS[api]
+    torch.manual_seed(0)
+    sn, _, _ = sngan_d(ours)
+    up, _, _ = sngan_d(theirs)
+    up.load_state_dict(sn.state_dict())
+    return up.to(device), sn.to(device)
+
+
+def _worst_sigma_error(net: nn.Module) -> float:
+    layers = [m for m in net.modules() if hasattr(m, "weight_u") or hasattr(m, "parametrizations")]
+    return max(abs(used_sigma(m) / exact_sigma(sn_state(m)[0].cpu()) - 1) for m in layers)
+
+
+def section_autocast(c: Check) -> None:
+    steps, batch = (2, 2) if c.quick else (20, 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        for api in APIS:
+            item = f"{api}, {str(dtype).split('.')[-1]}, {steps} Adam steps"
+            up, sn = _sngan_pair(api, c.device)
+            outs = []
+            try:
+                for net in (up, sn):
+                    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+                    gen = torch.Generator().manual_seed(0)
+                    for _ in range(steps):
+                        x = torch.randn(2 * batch, 3, 32, 32, generator=gen).to(c.device)
+                        with torch.autocast(c.device.type, dtype=dtype):
+                            out = net(x)
+                        loss = torch.relu(1 - out[:batch]).float().mean() + torch.relu(1 + out[batch:]).float().mean()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    outs.append(out.detach().float())
+            except RuntimeError as e:  # an autocast dtype this device does not have
+                c.skip("autocast", item, f"not available here: {str(e).splitlines()[0][:80]}")
+                continue
+            diff = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item()
+            err_up, err_sn = _worst_sigma_error(up), _worst_sigma_error(sn)
+            c.row("autocast", item,
+                  f"output diff {diff:.1e}; sigma err ours {err_sn:.1e}, upstream {err_up:.1e}",
+                  "finite; sigma err <= 1e-2 (README), or no worse than upstream's (x1.25)",
+                  bool(torch.isfinite(outs[1]).all()) and (err_sn <= 1e-2 or err_sn <= 1.25 * err_up))
+
+
+def _variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    return {f"{lib} {api}": fn for api, pair in APIS.items() for lib, fn in zip(("safe_norm", "upstream"), pair)}
+
+
+def _graph_step(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=True)
+
+    def step() -> None:
+        out = net(x)
+        loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    return step
+
+
+def section_graphs(c: Check) -> None:
+    if not c.cuda:
+        c.skip("graphs", "CUDA-graph capture, torch.compile(mode='reduce-overhead')", "needs a CUDA device")
+        return
+    x = torch.randn(32, 96, device=c.device)
+    works: dict[str, bool] = {}
+    for name, sn in _variants().items():
+        net = _mlp(sn, c.device)
+        eager = copy.deepcopy(net)
+        try:
+            step, twin = _graph_step(net, x), _graph_step(eager, x)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # trained, and the warm-up capture needs
+                    step(), twin()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(5):
+                graph.replay()
+                twin()
+            torch.cuda.synchronize()
+            diff = max(((a - b).abs().max() / b.abs().max()).item()
+                       for a, b in zip(net.state_dict().values(), eager.state_dict().values()) if b.is_floating_point())
+            works[name] = diff <= 1e-5
+            c.row("graphs", f"{name}: CUDA graph of a trained training step, 5 replays",
+                  f"captured; vs eager {diff:.1e}", "replays equal eager (1e-5)", works[name])
+        except Exception as e:  # noqa: BLE001 - the row says what failed
+            works[name] = False
+            c.row("graphs", f"{name}: CUDA graph of a trained training step", f"{type(e).__name__}: {str(e)[:100]}",
+                  "works where upstream's does", None)
+    for api in APIS:
+        if works.get(f"upstream {api}") and not works.get(f"safe_norm {api}"):
+            c.row("graphs", f"{api}: capture", "upstream's works, ours does not", "works where upstream's does", False)
+    if c.quick:
+        c.skip("graphs", "torch.compile(mode='reduce-overhead')", "--quick")
+        return
+    for name, sn in _variants().items():
+        if c.left() < 120:
+            c.skip("graphs", f"{name}: torch.compile reduce-overhead", "out of time")
+            continue
+        torch._dynamo.reset()
+        net = _mlp(sn, c.device)
+        eager = copy.deepcopy(net)
+        start = time.perf_counter()
+        try:
+            compiled = torch.compile(net, mode="reduce-overhead")
+            step, twin = _graph_step(compiled, x), _graph_step(eager, x)
+            for _ in range(4):
+                step(), twin()
+            torch.cuda.synchronize()
+            diff = max(((a - b).abs().max() / b.abs().max()).item()
+                       for a, b in zip(net.state_dict().values(), eager.state_dict().values()) if b.is_floating_point())
+            c.row("graphs", f"{name}: torch.compile reduce-overhead, 4 training steps",
+                  f"vs eager {diff:.1e}, {time.perf_counter() - start:.0f} s", "matches eager (1e-4)", diff <= 1e-4)
+        except Exception as e:  # noqa: BLE001
+            c.row("graphs", f"{name}: torch.compile reduce-overhead", f"{type(e).__name__}: {str(e)[:100]}",
+                  "works where upstream's does", None)
+
+
+def section_memory(c: Check) -> None:
+    if not c.cuda:
+        c.skip("memory", "peak memory of a training step", "needs a CUDA device (torch.cuda.max_memory_allocated)")
+        return
+    for model, shape in (("SNGAN D, batch 64", None), ("Linear 4096x4096, batch 64", (4096,))):
+        peaks = {}
+        for name, sn in _variants().items():
+            torch.manual_seed(0)
+            net = sngan_d(sn)[0].to(c.device) if shape is None else sn(nn.Linear(4096, 4096)).to(c.device)
+            x = torch.randn(64, *(shape or (3, 32, 32)), device=c.device)
+            opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+            for _ in range(2):  # trained, optimizer state allocated
+                net(x).mean().backward(), opt.step(), opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            net(x).mean().backward(), opt.step(), opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+            del net, opt, x
+            torch.cuda.empty_cache()
+        for api in APIS:
+            ours, theirs = peaks[f"safe_norm {api}"], peaks[f"upstream {api}"]
+            c.row("memory", f"{model}, {api}: peak above the resident state",
+                  f"{ours / 2**20:.1f} MiB vs upstream {theirs / 2**20:.1f} MiB ({ours / max(theirs, 1):.2f}x)",
+                  "reported", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocesses: tests, benchmarks, the smoke
+
+
+def _subprocess(c: Check, title: str, cmd: list[str], limit: float, env: dict[str, str] | None = None,
+                cwd: Path = ROOT) -> tuple[int, str, float]:
+    """Runs ``cmd`` with at most ``limit`` seconds (and what the budget leaves); its output goes
+    to the notes."""
+    limit = max(1.0, min(limit, c.left()))
+    start = time.perf_counter()
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=limit)
+        rc, out = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = 124
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out += f"\n[stopped at its limit of {limit:.0f} s]"
+    seconds = time.perf_counter() - start
+    c.notes.append((f"{title} (`{' '.join(cmd[1:])}`, rc {rc}, {seconds:.0f} s)", out[-6000:]))
+    return rc, out, seconds
+
+
+def _pytest_counts(out: str) -> dict[str, int]:
+    tail = out.strip().splitlines()[-1] if out.strip() else ""
+    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
+
+
+def section_tests(c: Check) -> None:
+    py = sys.executable
+    rc, out, s = _subprocess(c, "CUDA tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                               "tests/test_cuda.py", "tests/test_precision.py", "-k", "cuda"], 240)
+    n = _pytest_counts(out)
+    ran = n.get("passed", 0) + n.get("failed", 0)
+    c.row("tests", "the CUDA tests (tests/test_cuda.py, test_precision's CUDA case)",
+          f"{n.get('passed', 0)} passed, {n.get('failed', 0)} failed, {n.get('skipped', 0)} skipped ({s:.0f} s)",
+          "all pass" if c.cuda else "all skipped without CUDA",
+          rc == 0 and (ran > 0 if c.cuda else ran == 0))
+    files = ["tests/test_errors.py"] if c.quick else ["tests"]
+    extra: list[str] = []
+    if not c.quick:  # where the GPU machine has them: 8 workers, and a limit per test
+        with contextlib.suppress(ImportError):
+            import xdist  # noqa: F401
+            extra += ["-n", "8"]
+        with contextlib.suppress(ImportError):
+            import pytest_timeout  # noqa: F401
+            extra += ["--timeout", "120"]
+    rc, out, s = _subprocess(c, f"suite, default device {c.device}",
+                             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, *files,
+                              "--ignore=tests/test_gpu_check.py"],  # this script's own dry run
+                             300, env={"SAFE_NORM_TEST_DEVICE": str(c.device)})
+    n = _pytest_counts(out)
+    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)))
+    c.notes.append((f"tests failing with the default device {c.device}", "\n".join(failed) or "none"))
+    c.row("tests", f"{' '.join(files)} with the default device {c.device}",
+          f"{n.get('passed', 0)} passed, {n.get('failed', 0)} failed, {n.get('skipped', 0)} skipped ({s:.0f} s)",
+          "reported; failures listed below for review", None if rc in (0, 1) else False)
+
+
+def section_benchmarks(c: Check) -> None:
+    dev = str(c.device)
+    quick = c.quick
+    runs = [
+        ("training.py", ["--min-run-time", "0.01" if quick else "0.3"] + (["--quick"] if quick else [])),
+        ("discriminator.py", ["--rounds", "1" if quick else "5", "--number", "1" if quick else "3"]),
+        ("registration.py", ["--quick"] if quick else []),
+        ("eval_and_ema.py", ["--rounds", "1", "--min-run-time", "0.01" if quick else "0.3", "--iters", "2" if quick else "10"]),
+        ("launches.py", []),
+        ("tracking.py", ["--models", "mlp" if quick else "sngan,mlp", "--steps", "2" if quick else "20",
+                         "--rounds", "1" if quick else "3", "--k", "1" if quick else "3"]
+         + (["--variants", "safe_norm, track_tol=0.0001"] if quick else [])),
+    ]
+    for script, args in runs:
+        if c.left() < 20:
+            c.skip("benchmarks", script, "out of time")
+            continue
+        rc, out, s = _subprocess(c, f"benchmarks/{script}", [sys.executable, script, "--device", dev, *args],
+                                 120, cwd=ROOT / "benchmarks")
+        ratios = re.findall(r"\b(\d+\.\d+)x?\s*$", out, re.MULTILINE)
+        c.row("benchmarks", f"{script} --device {dev}", f"rc {rc}, {s:.0f} s, {len(ratios)} figures (output below)",
+              "runs; ratios against upstream from the same run", rc == 0)
+
+
+SMOKE = [ROOT.parent / "shared" / "hooks" / "real_usage_smoke.py", ROOT / "shared" / "hooks" / "real_usage_smoke.py"]
+
+
+def section_smoke(c: Check, path: Path | None) -> None:
+    found = path or next((p for p in SMOKE if p.exists()), None)
+    if found is None or not found.exists():
+        c.skip("smoke", "real_usage_smoke.py", "not present (pass --smoke PATH)")
+        return
+    # The smoke's own CPU target becomes the device's, so that a module moved "to the device"
+    # meets inputs made on the default device.
+    text = found.read_text().replace('device="cpu"', f'device="{c.device}"')
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapper = Path(tmp) / found.name
+        wrapper.write_text(f"import torch\ntorch.set_default_device({str(c.device)!r})\n{text}")
+        rc, out, _ = _subprocess(c, f"smoke on {c.device}", [sys.executable, str(wrapper)], 120)
+    lines = [line for line in out.splitlines() if re.search(r"\b(ok|DIFFERS|FAILS)\b", line)]
+    bad = [line for line in lines if re.search(r"\b(DIFFERS|FAILS)\b", line)]
+    c.row("smoke", f"{found.name}, default device {c.device}", f"rc {rc}: {len(lines) - len(bad)} ok, {len(bad)} not",
+          "every line ok", rc == 0 and bool(lines) and not bad)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def install(c: Check) -> None:
+    """The repository itself, with pip, from its own files (no index: a GPU machine may have no
+    network); the installed torch is used as it is."""
+    rc, _, s = _subprocess(c, "install", [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                                            "--no-build-isolation", "--no-index", "-e", str(ROOT)], 180)
+    c.row("setup", "pip install -e . (no deps, no index)", f"rc {rc}, {s:.0f} s",
+          "installs; otherwise the steps run from the checkout (PYTHONPATH)", None if rc else True)
+
+
+def report(c: Check, started: float) -> str:
+    where = torch.cuda.get_device_name(c.device) if c.cuda else "CPU (dry run: CUDA's own steps skipped)"
+    head = (f"GPU check, {time.strftime('%Y-%m-%d %H:%M %Z')}: {where}; torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), safe_norm {safe_norm.__version__}, "
+            f"{'--quick, ' if c.quick else ''}{time.monotonic() - started:.0f} s")
+    lines = [head, "", "| section | item | measured | claim | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {r.section} | {r.item} | {r.measured} | {r.claim} | {r.verdict} |" for r in c.rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="short settings (the CPU dry run)")
+    parser.add_argument("--install", action="store_true", help="pip install the checkout first (--no-deps, no index)")
+    parser.add_argument("--budget", type=float, default=400, help="seconds after which no new step starts")
+    parser.add_argument("--sections", default="tests,syncs,autocast,graphs,memory,benchmarks,smoke")
+    parser.add_argument("--smoke", type=Path, default=None, help="real_usage_smoke.py's path")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table and the outputs here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run with --device cpu --quick for the dry run")
+    started = time.monotonic()
+    c = Check(device=device, quick=args.quick, deadline=started + args.budget)
+    if args.install:
+        install(c)
+    sections: dict[str, Callable[[Check], None]] = {
+        "tests": section_tests, "syncs": section_syncs, "autocast": section_autocast, "graphs": section_graphs,
+        "memory": section_memory, "benchmarks": section_benchmarks, "smoke": lambda c: section_smoke(c, args.smoke),
+    }
+    for name in args.sections.split(","):
+        if c.left() <= 0:
+            c.skip(name, "the whole section", "out of time (--budget)")
+            continue
+        print(f"[{time.monotonic() - started:5.0f} s] {name}", file=sys.stderr, flush=True)
+        try:
+            sections[name](c)
+        except Exception as e:  # noqa: BLE001 - one section's failure must not hide the others
+            c.row(name, "the section", f"{type(e).__name__}: {str(e)[:120]}", "runs", False)
+            c.notes.append((f"{name}: traceback", traceback.format_exc()))
+    table = report(c, started)
+    print(table)
+    if args.out:
+        notes = "\n\n".join(f"### {title}\n\n```\n{text.strip()}\n```" for title, text in c.notes)
+        args.out.write_text(f"{table}\n\n## Outputs\n\n{notes}\n")
+    return 1 if any(r.verdict == "FAIL" for r in c.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
