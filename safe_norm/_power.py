@@ -50,6 +50,12 @@ MAX_WARMUP_STEPS = 128
 #: above 1.6e-5, for a few more steps (tests/test_power.py sweeps this).
 SAFETY = 0.1
 
+#: The warm-up's first check of the bound, in Lanczos steps: from a random start a default-
+#: initialised layer wider than :data:`EXACT_SIDE` takes 20-60 steps to 1e-4; from vectors
+#: converged for a slightly different weight (after an EMA step) 2 usually suffice.
+FIRST_CHECK = 8
+FIRST_WARM_CHECK = 2
+
 
 def default_dim(module: torch.nn.Module) -> int:
     """Upstream's default output dimension: 1 for ``ConvTranspose{1,2,3}d``, else 0."""
@@ -580,7 +586,7 @@ def warm_up_(
     small = min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side)
     found = None
     if warm_steps:
-        tried = _lanczos_top(Ws, u.to(work), v.to(work), tol, warm_steps)
+        tried = _lanczos_top(Ws, u.to(work), v.to(work), tol, warm_steps, first_check=FIRST_WARM_CHECK)
         if tried is not None and tried[2].error_estimate <= tol * SAFETY:
             found = tried
     if found is None and small:
@@ -654,11 +660,12 @@ def _exact_top(W: Tensor) -> tuple[Tensor, float, WarmUp] | None:
 
 
 def _lanczos_top(
-    W: Tensor, u: Tensor, v: Tensor, tol: float, max_steps: int, *, fresh_start: bool = False
+    W: Tensor, u: Tensor, v: Tensor, tol: float, max_steps: int, *, fresh_start: bool = False,
+    first_check: int = FIRST_CHECK,
 ) -> tuple[Tensor, float, WarmUp] | None:
     """(top right singular vector estimate, its Ritz value, WarmUp) by Golub–Kahan–Lanczos,
     started from ``v`` (or ``u``), or with ``fresh_start`` from a fixed-seed random vector.
-    The bound is checked at every step (a warm-up: one host synchronisation each)."""
+    The bound is read at ``first_check`` steps and then every few (:func:`_golub_kahan`)."""
     # From the smaller side: fewer entries per vector to orthogonalise.
     transposed = W.size(1) > W.size(0)
     A = W.mH if transposed else W
@@ -668,7 +675,7 @@ def _lanczos_top(
         # A fixed-seed draw, so that the caller's random stream is left as it is (also where
         # there is no start: buffers of `to_empty()`, vectors zeroed by a user).
         start = fixed_draw(start.shape[0], like=start)
-    found = _golub_kahan(A, start, tol, max_steps)
+    found = _golub_kahan(A, start, tol, max_steps, first_check)
     if found is None:
         return None
     new_v = found.right
@@ -684,13 +691,26 @@ class _Ritz(NamedTuple):
     steps: int
 
 
-def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int) -> _Ritz | None:
+def _next_check(k: int, error: float, before: tuple[int, float] | None, target: float) -> int:
+    """Steps until the next check: what the bound's rate since the last check predicts (it
+    converges faster and faster, so the prediction errs long), at most a quarter of the steps
+    so far (overshoot is bounded by it) and at least one."""
+    most = max(2, k // 8)
+    if before is not None and 0 < error < before[1] and math.isfinite(error):
+        rate = math.log(error / before[1]) / (k - before[0])
+        return max(1, min(most, math.ceil(math.log(target / error) / rate)))
+    return most
+
+
+def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int, first_check: int = FIRST_CHECK) -> _Ritz | None:
     """Golub–Kahan–Lanczos bidiagonalisation of ``A`` from ``start`` (right side), with full
     re-orthogonalisation, until the error bound of the top Ritz value is within ``tol``.
 
-    The coefficients stay on the device and are read once per step for the bound (the
-    warm-up's one host synchronisation per step).  ``None`` when ``A`` maps ``start`` to zero
-    (or to non-finite values).
+    The coefficients stay on the device; the bound is read at ``first_check`` steps and then
+    where :func:`_next_check` says (one host synchronisation per check, none per step: on a
+    CPU the check's small SVD costs as much as a step's products on a 512x512 weight).
+    Checking later than the first step that would have met it can only add steps.  ``None``
+    when ``A`` maps ``start`` to zero (or to non-finite values).
     """
     h, w = A.shape
     k_max = min(w, max_steps)
@@ -700,20 +720,30 @@ def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int) -> _Ritz 
     U = A.new_zeros(k_max, h)  # left Lanczos vectors of A, as rows
     coeffs = A.new_zeros(2, k_max, dtype=A.real.dtype)  # alphas, betas
     tiny = torch.finfo(coeffs.dtype).tiny
-    V[0] = start.to(A.dtype) / start.norm().to(coeffs.dtype).clamp_min(tiny)
+    # Views made once (rows, coefficients, transposes): an index or a transpose per step is one
+    # more op to dispatch, and on layers up to ~512 wide the ops' dispatch, not their
+    # arithmetic, is what a step costs.
+    AH, VT, UT = A.mH, V.mT, U.mT
+    vs, us = V.unbind(0), U.unbind(0)
+    alphas_, betas_ = (c.unbind(0) for c in coeffs.unbind(0))
+    torch.div(start.to(A.dtype), start.norm().to(coeffs.dtype).clamp_min(tiny), out=vs[0])
+    check, before = min(max(first_check, 2), k_max), None
+    # The three-term recurrence's subtractions (β u_{j-1} from p, α v_j from q) are left to
+    # the full re-orthogonalisation, which removes those components too.
     for j in range(k_max):
-        p = torch.mv(A, V[j])
+        p = torch.mv(A, vs[j])
         if j:
-            p -= coeffs[1, j - 1] * U[j - 1]
-            _orthogonalise_(p, U[:j])
-        coeffs[0, j] = p.norm()
-        U[j] = p / coeffs[0, j].clamp_min(tiny)
-        q = torch.mv(A.mH, U[j]) - coeffs[0, j] * V[j]
-        _orthogonalise_(q, V[: j + 1])
-        coeffs[1, j] = q.norm()
-        V[j + 1] = q / coeffs[1, j].clamp_min(tiny)
+            _orthogonalise_(p, U[:j], UT[:, :j])
+        torch.linalg.vector_norm(p, out=alphas_[j])
+        torch.div(p, alphas_[j].clamp_min(tiny), out=us[j])
+        q = torch.mv(AH, us[j])
+        _orthogonalise_(q, V[: j + 1], VT[:, : j + 1])
+        torch.linalg.vector_norm(q, out=betas_[j])
+        torch.div(q, betas_[j].clamp_min(tiny), out=vs[j + 1])
         k = j + 1
-        alphas, betas = coeffs[:, :k].tolist()  # the one synchronisation of this step
+        if k < check:
+            continue
+        alphas, betas = _host(coeffs[:, :k]).tolist()  # the one synchronisation of this check
         usable = next((i for i, a in enumerate(alphas) if not (a > 0 and math.isfinite(a))), k)
         if usable == 0:
             return None  # a zero product on the first step
@@ -729,13 +759,16 @@ def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int) -> _Ritz 
         # Not at the first step: its bound has no second Ritz value and takes sigma_2 as 0.
         if (k > 1 and error <= tol * SAFETY) or exhausted or j + 1 == k_max:
             return _Ritz(top.to(A.dtype) @ V[:k], ritz, error, k)
+        check = min(k + _next_check(k, error, before, tol * SAFETY), k_max)
+        before = (k, error)
     return None  # not reached: the last step always returns
 
 
-def _orthogonalise_(x: Tensor, basis: Tensor) -> None:
-    # Classical Gram-Schmidt applied twice ("twice is enough", Kahan/Parlett).
+def _orthogonalise_(x: Tensor, basis: Tensor, basis_t: Tensor) -> None:
+    """``x`` made orthogonal to the rows of ``basis`` (``basis_t`` its transpose): classical
+    Gram-Schmidt applied twice ("twice is enough", Kahan/Parlett), ``x -= Bᵀ (B̄ x)``."""
     for _ in range(2):
-        x -= (basis.conj() @ x) @ basis
+        x.addmv_(basis_t, torch.mv(basis.conj(), x), alpha=-1)
 
 
 def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[Tensor, float, float, float]:

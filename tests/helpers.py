@@ -173,7 +173,8 @@ class DeviceWaits(TorchDispatchMode):
         outputs = [t for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         name = func._schema.name.split("::")[-1]
         if self.device.type == "cpu":
-            if inputs and all(t in self.host for t in inputs):
+            # torch.tensor(python data) makes a host tensor, on any machine
+            if (inputs and all(t in self.host for t in inputs)) or name.startswith("lift_fresh"):
                 self.host.update({t: True for t in outputs})
             elif inputs and name in self.WAITS:
                 self.ops.append(name)

@@ -33,3 +33,34 @@ def test_sigma_is_valid_right_after_registration(api, layer, seed):
 @pytest.mark.parametrize("layer", BIG)
 def test_sigma_is_valid_right_after_registration_big(api, layer):
     _check_valid_at_registration(api, layer, 0)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("shape", [(1024, 1024), (256, 512)])
+def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch):
+    """The warm-up's Lanczos reads its coefficients at checks only, a few steps apart, one host
+    read each (``_power._host``); besides them a registration waits for the device a fixed
+    few times (the weight's finiteness, the vectors' norms), whatever its steps."""
+    from safe_norm import _power
+
+    from .helpers import DeviceWaits
+
+    mode, reads, checks, steps = DeviceWaits(), [], [], []
+    host, ritz, lanczos = _power._host, _power._top_ritz_pair, _power._golub_kahan
+
+    def counted_host(x):
+        reads.append(x.shape)
+        y = host(x).clone()
+        mode.host[y] = True
+        return y
+
+    monkeypatch.setattr(_power, "_host", counted_host)
+    monkeypatch.setattr(_power, "_top_ritz_pair", lambda *a: checks.append(1) or ritz(*a))
+    monkeypatch.setattr(_power, "_golub_kahan", lambda *a, **k: (r := lanczos(*a, **k), steps.append(r.steps))[0])
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    with mode:
+        ours(torch.nn.Linear(shape[1], shape[0]))
+    assert len(steps) == 1 and steps[0] >= 20  # a Lanczos warm-up, not the exact solve
+    assert len(reads) == len(checks) <= steps[0] // 2
+    assert len(mode.ops) <= 10, mode.ops
