@@ -154,7 +154,9 @@ class DeviceWaits(TorchDispatchMode):
     ``_power._host`` returned) and what was computed from host data alone; an op with any
     other tensor input counts as a device op (on a GPU, the host data would have been copied
     there first): what a GPU would wait for, less the copies back to it, which the CPU cannot
-    tell from no copy."""
+    tell from no copy.  ``mixed`` records the ops that got host data (not a 0-dim scalar)
+    beside device data: a device mismatch on a GPU, unless the host data went through
+    ``_power._back`` (with :meth:`moved` in its place)."""
 
     WAITS = {"_local_scalar_dense", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "_linalg_svd",
              "linalg_cholesky", "linalg_inv_ex", "linalg_solve_ex", "_linalg_solve_ex", "nonzero", "equal",
@@ -165,6 +167,16 @@ class DeviceWaits(TorchDispatchMode):
         self.device = device
         self.host = WeakTensorKeyDictionary()
         self.ops: list[str] = []
+        self.mixed: list[str] = []  # ops given host and device data: on a GPU, an error
+
+    def moved(self, back):
+        """``_power._back`` as the host-to-device copy it is on a GPU: its result is device
+        data (on the CPU it can be its input itself)."""
+        def moved(x, like):
+            y = back(x, like).clone()
+            self.host.pop(y, None)
+            return y
+        return moved
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -176,8 +188,11 @@ class DeviceWaits(TorchDispatchMode):
             # torch.tensor(python data) makes a host tensor, on any machine
             if (inputs and all(t in self.host for t in inputs)) or name.startswith("lift_fresh"):
                 self.host.update({t: True for t in outputs})
-            elif inputs and name in self.WAITS:
+                return out
+            if inputs and name in self.WAITS:
                 self.ops.append(name)
+            if any(t in self.host and t.dim() for t in inputs):  # host scalars may meet device data
+                self.mixed.append(name)
             return out
         on_device = any(t.device.type == self.device.type for t in inputs)
         if on_device and (name in self.WAITS or any(t.device.type == "cpu" for t in outputs)):

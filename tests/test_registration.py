@@ -40,7 +40,8 @@ def test_sigma_is_valid_right_after_registration_big(api, layer):
 def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch):
     """The warm-up's Lanczos reads its coefficients at checks only, a few steps apart, one host
     read each (``_power._host``); besides them a registration waits for the device a fixed
-    few times (the weight's finiteness, the vectors' norms), whatever its steps."""
+    few times (the weight's finiteness, the vectors' norms), whatever its steps.  And what the
+    host computed goes back to the device before it meets device data."""
     from safe_norm import _power
 
     from .helpers import DeviceWaits
@@ -55,6 +56,7 @@ def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch)
         return y
 
     monkeypatch.setattr(_power, "_host", counted_host)
+    monkeypatch.setattr(_power, "_back", mode.moved(_power._back))
     monkeypatch.setattr(_power, "_top_ritz_pair", lambda *a: checks.append(1) or ritz(*a))
     monkeypatch.setattr(_power, "_golub_kahan", lambda *a, **k: (r := lanczos(*a, **k), steps.append(r.steps))[0])
     ours, _ = APIS[api]
@@ -64,3 +66,4 @@ def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch)
     assert len(steps) == 1 and steps[0] >= 20  # a Lanczos warm-up, not the exact solve
     assert len(reads) == len(checks) <= steps[0] // 2
     assert len(mode.ops) <= 10, mode.ops
+    assert mode.mixed == []  # host results go back through _back (a GPU would refuse the mix)
