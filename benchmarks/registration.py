@@ -11,7 +11,7 @@ SNGAN (benchmarks/tracking.py), HiFi-GAN's multi-scale discriminator (3 scale di
 8 Conv1d layers, grouped, kernel 41), and a model with one 2048x16384 linear layer. "ops" is
 the number of aten operators one registration dispatches (counted once, untimed).
 
-Run:  python benchmarks/registration.py [--device cuda] [--quick] [--threads N] [--models]
+Run:  python benchmarks/registration.py [--device cuda] [--quick] [--threads N] [--models] [--match REGEX]
 
 The other benchmarks use torch.utils.benchmark; registration cannot (see one_shot_median).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import re
 import statistics
 import time
 
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the 2048 and 4096 layers, and the 2048x16384 model")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--models", action="store_true", help="whole models only")
+    parser.add_argument("--match", default="", help="only the layers and models whose label this regex finds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -149,6 +151,8 @@ def main() -> None:
     if not args.models:
         print(f"\n{'layer':<22}" + "".join(f"{name + ' ms':>21}{'σ err':>10}" for name in apis) + header)
         for label, factory, dim in layers(args.quick):
+            if not re.search(args.match, label):
+                continue
             torch.manual_seed(0)
             base = factory().to(device)
             row, times = f"{label:<22}", {}
@@ -165,6 +169,8 @@ def main() -> None:
             print(row, flush=True)
     print(f"\n{'model':<22}" + "".join(f"{name + ' ms':>21}" for name in apis) + header)
     for label, factory in models(args.quick):
+        if not re.search(args.match, label):
+            continue
         torch.manual_seed(0)
         base = factory().to(device)
         row, times = f"{label:<22}", {}

@@ -70,13 +70,13 @@ class Trainer:
         self.device = torch.device(device)
         self.net.to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=2e-4, betas=(0.0, 0.9))
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(self.device).manual_seed(seed)  # no copy to the device per step
         self.layers = [m for m in self.net if hasattr(m, "weight_u")]
 
     def step(self) -> None:
-        real = torch.randn(self.batch, *self.shape, generator=self.gen) + 1
-        fake = torch.randn(self.batch, *self.shape, generator=self.gen)
-        out = self.net(torch.cat([real, fake]).to(self.device))
+        real = torch.randn(self.batch, *self.shape, generator=self.gen, device=self.device) + 1
+        fake = torch.randn(self.batch, *self.shape, generator=self.gen, device=self.device)
+        out = self.net(torch.cat([real, fake]))
         loss = torch.relu(1 - out[: self.batch]).mean() + torch.relu(1 + out[self.batch:]).mean()
         self.opt.zero_grad()
         loss.backward()

@@ -14,7 +14,7 @@ import torch
 from safe_norm import _power
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-SECTIONS = ("tests", "syncs", "autocast", "graphs", "memory", "benchmarks", "smoke")
+SECTIONS = ("tests", "syncs", "autocast", "graphs", "memory", "benchmarks", "smoke", "compile")
 
 
 def _module():
