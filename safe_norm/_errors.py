@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamSpectralNorm
 
-from ._power import WarmUp
+from ._power import WarmUp, max_abs
 
 __all__ = [
     "NotATensorError",
@@ -115,7 +115,7 @@ def warn_if_short(result: WarmUp, tol: float, what: str) -> None:
 def check_finite(module: nn.Module, name: str, weight: Tensor) -> None:
     # Once, at registration; the training step itself carries no check (see _power).  A meta
     # weight has no values yet: the warm-up waits for them.
-    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+    if not weight.is_meta and weight.numel() and not bool(torch.isfinite(max_abs(weight.detach()))):
         raise ValueError(
             f"spectral_norm: {_where(module, name)} contains NaN or infinite values; "
             "a spectral norm of it would be meaningless (initialise it first)"

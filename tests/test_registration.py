@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .helpers import APIS, BIG, ZOO, example_input, rel, sn_state, used_sigma, zoo_exact_sigma
 
@@ -67,3 +69,45 @@ def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch)
     assert len(reads) == len(checks) <= steps[0] // 2
     assert len(mode.ops) <= 10, mode.ops
     assert mode.mixed == []  # host results go back through _back (a GPU would refuse the mix)
+
+
+class _WeightSizedAllocations(TorchDispatchMode):
+    """Records the ops whose output is a new allocation at least ``size`` elements large (not
+    a view of an input: its storage is none of theirs)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.size
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.ops.append(func._schema.name)
+        return out
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("weight", ["float32", "float32 1e-30", "float64 1e30"])
+def test_a_lanczos_registration_makes_no_copy_of_the_weight(api, weight):
+    """The weight's checks and the warm-up read it in place: its finiteness and magnitude in
+    one pass without a temporary, the Lanczos products on the weight itself (isfinite().all()
+    and a scaled copy were five passes and four weight-sized temporaries: more time than ten of
+    its products at 4096x4096).  Only weights of extreme magnitude are worked on scaled, and
+    they still converge.  The parametrization API evaluates the parametrization once at
+    registration, as upstream's ``register_parametrization`` does: that is its one division."""
+    dtype, *scale = weight.split()
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(384, 256, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        layer.weight.mul_(float(scale[0]) if scale else 1.0)
+    with _WeightSizedAllocations(layer.weight.numel()) as mode:
+        ours(layer)
+    once = ["aten::div"] if api == "parametrization" else []
+    assert mode.ops == (["aten::div"] if scale else []) + once, mode.ops
+    W = sn_state(layer)[0].double()
+    assert rel(used_sigma(layer), torch.linalg.matrix_norm(W, 2).item()) < 1e-4
