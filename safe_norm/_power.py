@@ -603,7 +603,7 @@ def warm_up_(
     if min(W.shape) == 0:
         return WarmUp(0, 0.0)
     work = torch.promote_types(W.dtype, torch.float32)
-    scale = max_abs(W.detach()).item()  # the one read of the weight's magnitude
+    scale = max_abs(W.detach()).item()  # the warm-up's one read of the weight's magnitude
     if not (scale > 0 and math.isfinite(scale)):
         return WarmUp(0, math.inf)  # an all-zero or non-finite weight: nothing to converge to
     # Singular vectors do not depend on the scale.  Weights of extreme magnitude (1e-30, 1e30)
@@ -647,9 +647,18 @@ def warm_up_(
         return result
     if not torch.isfinite(new_v).all():
         return WarmUp(result.steps, math.inf)
-    v.copy_(F.normalize(new_v, dim=0, eps=eps))
-    u.copy_(F.normalize(torch.mv(Ws, v.to(work)), dim=0, eps=eps))
+    # Each by its own norm, not through F.normalize's eps: on the unscaled weight W v has the
+    # norm sigma, which can lie below the user's eps (a layer of sigma 1e-6, eps=1e-4), and
+    # normalize would leave u that much short of unit length.  Neither is zero: v is a top
+    # singular vector estimate of a nonzero W.
+    v.copy_(_unit(new_v))
+    u.copy_(_unit(torch.mv(Ws, v.to(work))))
     return result
+
+
+def _unit(x: Tensor) -> Tensor:
+    norm = torch.linalg.vector_norm(x)
+    return x / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
 #: The range of max|W| in which a warm-up works on the weight unscaled (see :func:`warm_up_`).
@@ -742,7 +751,7 @@ class _Ritz(NamedTuple):
 
 def _next_check(k: int, error: float, before: tuple[int, float] | None, target: float) -> int:
     """Steps until the next check: what the bound's rate since the last check predicts (it
-    converges faster and faster, so the prediction errs long), at most a quarter of the steps
+    converges faster and faster, so the prediction errs long), at most an eighth of the steps
     so far (overshoot is bounded by it) and at least one."""
     most = max(2, k // 8)
     if before is not None and 0 < error < before[1] and math.isfinite(error):

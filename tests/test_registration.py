@@ -93,10 +93,10 @@ class _WeightSizedAllocations(TorchDispatchMode):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("weight", ["float32", "float32 1e-30", "float64 1e30"])
 def test_a_lanczos_registration_makes_no_copy_of_the_weight(api, weight):
-    """The weight's checks and the warm-up read it in place: its finiteness and magnitude in
-    one pass without a temporary, the Lanczos products on the weight itself (isfinite().all()
-    and a scaled copy were five passes and four weight-sized temporaries: more time than ten of
-    its products at 4096x4096).  Only weights of extreme magnitude are worked on scaled, and
+    """The weight's checks and the warm-up read it in place: the finiteness check and the
+    warm-up's magnitude one aminmax pass each, without a temporary, and the Lanczos products on
+    the weight itself (isfinite().all() and a scaled copy were six passes and four weight-sized
+    temporaries: more time than twenty of its products at 4096x4096).  Only weights of extreme magnitude are worked on scaled, and
     they still converge.  The parametrization API evaluates the parametrization once at
     registration, as upstream's ``register_parametrization`` does: that is its one division."""
     dtype, *scale = weight.split()
@@ -111,3 +111,22 @@ def test_a_lanczos_registration_makes_no_copy_of_the_weight(api, weight):
     assert mode.ops == (["aten::div"] if scale else []) + once, mode.ops
     W = sn_state(layer)[0].double()
     assert rel(used_sigma(layer), torch.linalg.matrix_norm(W, 2).item()) < 1e-4
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_weight_whose_sigma_is_below_eps_warms_up(api):
+    """The warm-up's vectors are unit vectors whatever ``eps`` is: a layer of sigma ~1e-6 with
+    ``eps=1e-4`` (normalising ``W v`` through ``eps`` left ``u`` near zero: sigma 100 % off, and
+    training forwards, which keep vectors whose product is below ``eps``, never repaired it)."""
+    ours, _ = APIS[api]
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(384, 256)
+    with torch.no_grad():
+        layer.weight.mul_(1e-6)
+    m = ours(layer, eps=1e-4)
+    exact = torch.linalg.matrix_norm(sn_state(m)[0].double(), 2).item()
+    assert rel(used_sigma(m), exact) < 1e-4
+    m.train()
+    for _ in range(3):
+        m(torch.randn(2, 384))
+    assert rel(used_sigma(m), exact) < 1e-4
