@@ -21,6 +21,7 @@ from ._adopt import Guard, convert, guard
 from ._errors import DimError, EmptyWeightError, NotATensorError, WeightDtypeError
 from ._inspect import Audit, AuditRow, audit, sigma
 from ._lazy import initialize_now
+from ._operator import OperatorNorm, operator_norm
 from ._spectral_norm import (
     SpectralNorm,
     SpectralNormLoadStateDictPreHook,
@@ -41,6 +42,8 @@ __all__ = [
     "audit",
     "Audit",
     "AuditRow",
+    "operator_norm",
+    "OperatorNorm",
     "guard",
     "Guard",
     "convert",

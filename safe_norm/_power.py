@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _compat

@@ -1,0 +1,315 @@
+"""The spectral norm of a convolution as the linear map it is on inputs of one shape.
+
+``spectral_norm`` (every library's) divides a convolution by the largest singular value of its
+weight reshaped to a matrix.  That is not the layer's Lipschitz constant: on a default
+``Conv2d(256, 512, 3)`` the operator norm at 16x16 or 32x32 inputs is about 1.6x the reshaped
+sigma.  :func:`operator_norm` measures the operator norm, with a certificate:
+
+* ``estimate``: ``‖A x‖ / ‖x‖`` for the best input ``x`` that Golub-Kahan-Lanczos (float64, full
+  re-orthogonalisation) finds, applying the layer's own functional op and its exact adjoint (a
+  vector-Jacobian product): a value the layer attains, so never above the true norm (up to
+  float64 rounding).
+* ``upper``: never below the true norm.  A convolution with zero padding ``p`` on inputs of
+  length ``n`` is a restriction of the circular convolution with the same kernel on ``Z_N``,
+  ``N = n + p_left + p_right`` (the zero-extended input, where no output window wraps; stride
+  subsamples the output rows), and a circular convolution is block-diagonalised by the DFT: its
+  norm is the largest singular value over the ``N``-point frequency grid of the channel matrix
+  ``Σ_t K_t exp(2πi k·τ_t / N)`` (taps ``t`` at offsets ``τ_t``, dilation included).  Groups are
+  blocks: the largest over groups (not their product).  Circular padding is the circular
+  convolution on ``Z_n`` itself, with output rows repeated where the padded length exceeds
+  ``n`` (a factor ``√(repeats)``).  A transposed convolution is the adjoint of the convolution
+  with its stride, padding and dilation from its output shape: the same norm.  Computed in
+  float64 (the FFT in complex128), with a margin of 1e-10 of the spectrum's scale for rounding.
+
+The two meet when the bound is tight: circular padding at stride 1, and zero padding on inputs
+large next to the kernel; on small inputs with zero padding the boundary leaves a gap, reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _power
+
+__all__ = ["operator_norm", "OperatorNorm"]
+
+_CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_TRANSPOSED = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+_FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_FUNCTIONAL_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+#: Margin on the certified bound for the rounding of its float64 FFT and eigensolves, relative
+#: to the spectrum's scale (their errors are a few 1e-16 times the sizes involved).
+ROUNDING = 1e-10
+
+
+class OperatorNorm(NamedTuple):
+    """The operator norm of a layer at one input shape (see :func:`operator_norm`)."""
+
+    estimate: float  # attained: ‖A x‖/‖x‖ for the best x found; a lower bound
+    upper: float  # certified: never below the true norm
+    reshaped: float  # the largest singular value of the weight reshaped (what spectral_norm uses)
+    steps: int  # Lanczos steps taken for the estimate
+
+    @property
+    def gap(self) -> float:
+        """``upper / estimate - 1``: how far apart the two sides of the certificate are."""
+        return self.upper / self.estimate - 1 if self.estimate > 0 else math.inf
+
+
+def _kind(layer: nn.Module) -> tuple[int, bool]:
+    """(spatial dimensions, transposed) of a convolution layer."""
+    for table, transposed in ((_CONV, False), (_TRANSPOSED, True)):
+        for cls, d in table.items():
+            if isinstance(layer, cls):
+                return d, transposed
+    raise TypeError(f"operator_norm: expected a Conv1d/2d/3d or ConvTranspose1d/2d/3d layer, "
+                    f"got {type(layer).__name__}")
+
+
+def _effective_weight(layer: nn.Module) -> Tensor:
+    """The weight the layer's next eval forward uses: for a spectral-normed layer (any library,
+    either API) the tensor it normalises divided by the sigma it would divide by, read without
+    changing its state; otherwise ``layer.weight``."""
+    from ._inspect import layers, next_sigma  # noqa: PLC0415 - _inspect imports the APIs
+
+    for found in layers(layer):
+        if found.module is layer and found.name == "weight":
+            with torch.no_grad():
+                return (found.weight() / next_sigma(found)).detach()
+    weight = getattr(layer, "weight")
+    if isinstance(weight, nn.parameter.UninitializedParameter) or weight.is_meta:
+        raise ValueError("operator_norm: the layer's weight has no values yet (a lazy or meta "
+                         "module: run a forward, or safe_norm.initialize_now, first)")
+    return weight.detach()
+
+
+def _pads(layer: Any, d: int, kernel: Sequence[int]) -> list[tuple[int, int]]:
+    """(left, right) zero or circular padding per spatial dimension, as the layer applies it."""
+    padding, dilation = layer.padding, layer.dilation
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * d
+        total = [dil * (k - 1) for dil, k in zip(dilation, kernel)]  # "same", as torch splits it
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in padding]
+
+
+def _shape(layer: Any, d: int, transposed: bool, input_shape: Sequence[int], weight: Tensor) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    channels = weight.shape[0] if transposed else weight.shape[1] * layer.groups
+    if len(shape) == d:
+        shape = (channels, *shape)
+    if len(shape) != d + 1 or shape[0] != channels or min(shape) < 1:
+        raise ValueError(f"operator_norm: input_shape of a {type(layer).__name__} is (channels, "
+                         f"{', '.join('size' for _ in range(d))}) with {channels} channels, or the "
+                         f"spatial sizes alone; got {tuple(input_shape)}")
+    return shape
+
+
+def _operator(layer: Any, d: int, transposed: bool, weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """The layer's linear part (no bias) on one sample, as a function."""
+    stride, dilation, groups = layer.stride, layer.dilation, layer.groups
+    if transposed:
+        padding, output_padding = layer.padding, layer.output_padding
+        return lambda x: _FUNCTIONAL_T[d](x[None], weight, None, stride, padding, output_padding, groups, dilation)[0]
+    mode = layer.padding_mode
+    flat = [p for pair in reversed(_pads(layer, d, weight.shape[2:])) for p in pair]  # F.pad: last dim first
+
+    def conv(x: Tensor) -> Tensor:
+        padded = F.pad(x, flat) if mode == "zeros" else F.pad(x[None], flat, mode=mode)[0]
+        return _FUNCTIONAL[d](padded[None], weight, None, stride, 0, dilation, groups)[0]
+    return conv
+
+
+def _certified_upper(weight: Tensor, d: int, groups: int, dilation: Sequence[int], grid: Sequence[int],
+                     stride: Sequence[int], repeats: int) -> float:
+    """The norm of the strided circular convolution on the DFT grid ``grid`` (taps at
+    ``t * dilation``, wrapped), times ``sqrt(repeats)``.  The first dimension of ``weight`` is
+    split into the groups: a convolution's outputs, a transposed one's inputs (the outputs of
+    the convolution it is the adjoint of); the largest block counts.
+
+    Stride ``s`` along a dimension whose grid length ``N`` it divides is exact (polyphase):
+    keeping every ``s``-th output row, frequency ``k`` of the output (on ``Z_{N/s}``) gathers the
+    input frequencies ``k + r N/s``, ``r < s``, and the norm is the largest singular value of
+    the channel matrices at those frequencies side by side, over ``sqrt(s)``.  Elsewhere the
+    stride only drops rows, and the stride-1 norm bounds it."""
+    K = weight.detach().to(torch.float64)
+    taps = torch.zeros(*K.shape[:2], *grid, dtype=K.dtype, device=K.device)
+    for t in torch.cartesian_prod(*[torch.arange(k) for k in K.shape[2:]]).reshape(-1, d).tolist():
+        at = tuple((ti * di) % n for ti, di, n in zip(t, dilation, grid))
+        taps[(slice(None), slice(None), *at)] += K[(slice(None), slice(None), *t)]
+    spectrum = torch.fft.fftn(taps, dim=tuple(range(2, 2 + d)))  # (rows, cols, *grid)
+    rows, cols = spectrum.shape[:2]
+    phases = [s if n % s == 0 else 1 for n, s in zip(grid, stride)]
+    # grid dimension n -> (phase r, frequency k) with n = r * (N / s) + k
+    split = [size for n, s in zip(grid, phases) for size in (s, n // s)]
+    spectrum = spectrum.reshape(groups, rows // groups, cols, *split)
+    # A real kernel's spectrum is conjugate-symmetric (frequency -k holds the conjugates of
+    # frequency k's, its phases permuted): the same singular values, so half the last axis does.
+    spectrum = spectrum[..., : split[-1] // 2 + 1]
+    r_axes = [3 + 2 * i for i in range(d)]
+    k_axes = [4 + 2 * i for i in range(d)]
+    # (frequencies, groups, rows/g, cols x phases)
+    blocks = spectrum.permute(*k_axes, 0, 1, 2, *r_axes).reshape(-1, groups, rows // groups, cols * math.prod(phases))
+    # sigma_max^2 as the top eigenvalue of the smaller Gram matrix: an eigensolve instead of an
+    # SVD, and in float64 its error (a few n * 1e-16 of sigma_max^2) is far inside ROUNDING
+    gram = blocks @ blocks.mH if blocks.shape[-2] <= blocks.shape[-1] else blocks.mH @ blocks
+    top = torch.linalg.eigvalsh(gram)[..., -1].amax().clamp_min(0).sqrt().item() / math.sqrt(math.prod(phases))
+    # Rounding, in units of the FFT's output scale (the taps' summed Frobenius norms bound every
+    # channel matrix of the spectrum), so that a kernel whose spectrum nearly cancels is covered
+    scale = K.flatten(2).norm(dim=(0, 1)).sum().item()
+    return (top + ROUNDING * scale) * math.sqrt(repeats)
+
+
+def _upper(layer: Any, d: int, transposed: bool, weight: Tensor, spatial: Sequence[int]) -> float:
+    dilation, groups, stride = layer.dilation, layer.groups, layer.stride
+    kernel = weight.shape[2:]
+    if transposed:
+        # the adjoint of the convolution (stride, padding, dilation) from the output's shape
+        padding = layer.padding
+        out = [(n - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n, s, p, dil, k, op in zip(
+            spatial, stride, padding, dilation, kernel, layer.output_padding)]
+        return _certified_upper(weight, d, groups, dilation, _multiple([n + 2 * p for n, p in zip(out, padding)], stride),
+                                stride, 1)
+    pads = _pads(layer, d, kernel)
+    if layer.padding_mode == "zeros":
+        grid = _multiple([n + left + right for n, (left, right) in zip(spatial, pads)], stride)
+        return _certified_upper(weight, d, groups, dilation, grid, stride, 1)
+    # circular: the circular convolution on Z_n; rows repeat where the padded length exceeds n
+    repeats = 1
+    for n, (left, right), dil, k in zip(spatial, pads, dilation, kernel):
+        rows = n + left + right - dil * (k - 1)
+        repeats *= max(1, -(-rows // n))
+    return _certified_upper(weight, d, groups, dilation, list(spatial), stride if repeats == 1 else [1] * d, repeats)
+
+
+def _multiple(lengths: Sequence[int], stride: Sequence[int]) -> list[int]:
+    """Each length rounded up to a multiple of its stride: any grid at least as long as the
+    zero-padded input holds the convolution without wrap-around, and one the stride divides
+    gives the exact strided norm."""
+    return [-(-n // s) * s for n, s in zip(lengths, stride)]
+
+
+@torch.no_grad()
+def _lanczos(apply, adjoint, n: int, device: torch.device, upper: float, tol: float,
+             max_steps: int) -> tuple[float, int]:
+    """Golub-Kahan-Lanczos on the operator, float64, full re-orthogonalisation, from a fixed
+    draw.  The Ritz values are those of ``U_kᴴ A`` (the k x (k+1) bidiagonal with the last
+    beta), exact once the left vectors span the output space.  Stops where the top one is
+    within ``tol`` of ``upper`` (the certificate is then as tight as asked), where it grew by
+    less than ``tol * STALL`` over the last :data:`STALL_STEPS` steps, where the Krylov space is
+    spent, or at ``max_steps``.  Returns ``‖A x‖ / ‖x‖`` for its top Ritz vector ``x``, computed
+    anew (a value the operator attains), and the steps."""
+    generator = torch.Generator().manual_seed(_power.START_SEED)
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
+    V = torch.zeros(max_steps + 1, n, dtype=torch.float64, device=device)  # right vectors, rows
+    V[0] = v / v.norm()
+    U = V[:0]  # left vectors, rows: allocated at the first product (the output's size)
+    alphas: list[float] = []
+    betas: list[float] = []
+    history: list[float] = []
+    x = V[0]
+    for j in range(max_steps):
+        p = apply(V[j])
+        if j == 0:
+            U = torch.zeros(max_steps, p.numel(), dtype=torch.float64, device=device)  # left vectors
+        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to rounding
+            p -= U[:j].mT @ (U[:j] @ p)
+        alpha = p.norm()
+        if not alpha > 1e-14 * (history[-1] if history else 1.0):
+            break  # the output space is spent: the last Ritz values are exact
+        U[j] = p / alpha
+        q = adjoint(U[j])
+        for _ in range(2):
+            q -= V[: j + 1].mT @ (V[: j + 1] @ q)
+        beta = q.norm()
+        alphas.append(alpha.item())
+        betas.append(beta.item())
+        k = len(alphas)
+        bidiagonal = torch.zeros(k, k + 1, dtype=torch.float64)
+        bidiagonal[range(k), range(k)] = torch.tensor(alphas, dtype=torch.float64)
+        bidiagonal[range(k), range(1, k + 1)] = torch.tensor(betas, dtype=torch.float64)
+        _, S, Qh = torch.linalg.svd(bidiagonal)
+        spent = not beta > 1e-14 * S[0].item()
+        if not spent:
+            V[j + 1] = q / beta
+        x = V[: k + 1].mT @ Qh[0].to(device)
+        history.append(S[0].item())
+        if spent or history[-1] >= upper / (1 + tol) or (
+                len(history) > STALL_STEPS and history[-1] <= history[-1 - STALL_STEPS] * (1 + tol * STALL)):
+            break
+    image = apply(x)
+    return (image.norm() / x.norm()).item(), len(history)
+
+
+#: The estimate's Lanczos stops where its top value grew by less than ``tol * STALL`` (relative)
+#: over the last ``STALL_STEPS`` steps: converged as far as it will get at that pace.
+STALL, STALL_STEPS = 1e-3, 10
+
+
+def operator_norm(layer: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-4,
+                  max_steps: int = 300) -> OperatorNorm:
+    """The largest singular value of a convolution layer as a linear map on inputs of
+    ``input_shape`` (``(channels, *spatial)``, or the spatial sizes alone), with a certificate.
+
+    Stride, padding (zeros, ``"same"``, ``"valid"``, circular), dilation and groups of
+    ``Conv1d/2d/3d``, and stride, padding, output padding, dilation and groups of
+    ``ConvTranspose1d/2d/3d``, are those of the layer.  The bias does not count (it shifts,
+    it does not stretch).  On a spectral-normed layer (safe_norm's or upstream's, either API)
+    the weight is the normalised one the next eval forward uses, read without changing any
+    state.
+
+    Returns :class:`OperatorNorm`: ``estimate``, a value the layer attains (a lower bound),
+    ``upper``, a bound never below the true norm (see the module's docstring for why), their
+    ``gap``, and ``reshaped``, the sigma of the reshaped weight that spectral normalisation
+    divides by.  Lanczos stops when the gap is within ``tol``, when its estimate stalls, or
+    after ``max_steps`` steps.  Reflect and replicate padding are refused (no certificate).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import safe_norm
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")
+        >>> found = safe_norm.operator_norm(conv, (3, 8, 8))
+        >>> found.estimate <= found.upper, found.gap < 1e-4, found.upper > found.reshaped
+        (True, True, True)
+    """
+    d, transposed = _kind(layer)
+    if not transposed and layer.padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"operator_norm: padding_mode={layer.padding_mode!r} is not supported "
+                         "(zeros and circular are); its norm has no certificate here")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"operator_norm: tol must lie in (0, 1), got {tol!r}")
+    W = _effective_weight(layer)
+    if W.is_complex():
+        raise TypeError("operator_norm: complex weights are not supported")
+    if not bool(torch.isfinite(_power.max_abs(W))):
+        raise ValueError("operator_norm: the layer's weight holds NaN or infinite values")
+    shape = _shape(layer, d, transposed, input_shape, W)
+    wide = W.to(torch.float64)
+    apply = _operator(layer, d, transposed, wide)
+    probe = torch.zeros(shape, dtype=torch.float64, device=W.device, requires_grad=True)
+    with torch.enable_grad():
+        image = apply(probe)
+
+    def flat_apply(x: Tensor) -> Tensor:
+        return apply(x.reshape(shape)).reshape(-1)
+
+    def adjoint(y: Tensor) -> Tensor:  # A is linear: the vector-Jacobian product is Aᴴ y
+        (grad,) = torch.autograd.grad(image, probe, y.reshape(image.shape), retain_graph=True)
+        return grad.reshape(-1)
+
+    upper = _upper(layer, d, transposed, W, shape[1:])
+    steps = min(max_steps, probe.numel(), image.numel() + 1)
+    estimate, taken = _lanczos(flat_apply, adjoint, probe.numel(), W.device, upper, tol, steps)
+    reshaped = torch.linalg.matrix_norm(_power.weight_to_matrix(wide, 1 if transposed else 0), 2).item()
+    return OperatorNorm(estimate, upper, reshaped, taken)
