@@ -1,37 +1,41 @@
 """The GPU check: the README's CUDA claims measured in one run, printed as one table.
 
 On a machine with a CUDA device, from the repository root (about 6 minutes on one GPU; every
-step has its own time limit, and the whole run stops starting new steps after ``--budget``
-seconds)::
+step has its own time limit, and the whole run starts no step after ``--budget`` seconds, nor a
+subprocess that the budget cannot let finish)::
 
     python scripts/gpu_check.py --install --out gpu_check.md
 
-The CPU dry run (CI runs it, under a minute): the same code, CUDA's own steps reported as
-skipped::
+It needs pytest and hypothesis beside torch (it says so and stops where they are missing). The
+CPU dry run (CI runs it, under a minute): the same code, CUDA's own steps reported as skipped::
 
     python scripts/gpu_check.py --device cpu --quick
 
-Sections (each row: what was measured, what the README claims, a verdict):
+Sections, in the order they run: the cheap ones that carry the README's claims first, so that
+a short budget cuts the long ones (each row: what was measured, what the README claims, a
+verdict):
 
-1. ``tests``: the CUDA tests (skipped where there is no CUDA), then the suite with the default
-   device set to the device (``SAFE_NORM_TEST_DEVICE``; failures listed, for review: a test
-   that draws from a CPU generator fails under a CUDA default device for its own reasons).
-2. ``syncs``: host synchronisations per forward or training step, upstream's and safe_norm's:
+1. ``syncs``: host synchronisations per forward or training step, upstream's and safe_norm's:
    on CUDA counted by ``torch.cuda.set_sync_debug_mode`` (every warning is one), and on every
    device by a dispatch mode that records the ops which wait for the device (``.item()``,
    ``equal``, ``nonzero``, eigensolvers, copies to the host) when they read device data.
-3. ``autocast``: float16 and bfloat16 training of the SNGAN discriminator, side by side with
+2. ``autocast``: float16 and bfloat16 training of the SNGAN discriminator, side by side with
    upstream from identical weights and ``u``, ``v``.
-4. ``graphs``: CUDA-graph capture of a trained model's training step, where upstream's works.
-5. ``memory``: peak memory of a training step against upstream's.
-6. ``benchmarks``: every benchmark script with ``--device``, short settings.
-7. ``smoke``: ``real_usage_smoke.py`` (the team's, when present; ``--smoke PATH``) with the
+3. ``graphs``: CUDA-graph capture of a trained model's training step, where upstream's works.
+4. ``memory``: peak memory of a training step against upstream's.
+5. ``smoke``: ``real_usage_smoke.py`` (the team's, when present; ``--smoke PATH``) with the
    default device set to the device.
-8. ``compile``: ``torch.compile(mode="reduce-overhead")`` of the training step (last: four
-   compilations take what the budget leaves).
+6. ``tests``: the CUDA tests (skipped where there is no CUDA), then the suite with the default
+   device set to the device (``SAFE_NORM_TEST_DEVICE``; failures listed, for review: a test
+   that draws from a CPU generator fails under a CUDA default device for its own reasons).
+7. ``compile``: ``torch.compile(mode="reduce-overhead")`` of the training step (four
+   compilations, each started only with a minute left).
+8. ``benchmarks``: every benchmark script with ``--device``, short settings.
 
-Exit status 1 when a row's verdict is FAIL. The table (and each step's output) goes to
-``--out`` as Markdown too.
+Exit status 1 when a row's verdict is FAIL; otherwise 2 when the budget left a step out (its
+row: skipped, "out of time (--budget)"; run again with a larger ``--budget``, or
+``--sections`` naming what is left); otherwise 0. Skips for want of a CUDA device or of
+``--quick`` leave it 0. The table (and each step's output) goes to ``--out`` as Markdown too.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib
 import os
 import re
 import signal
@@ -52,8 +57,24 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import torch
-from torch import nn
+
+def _imports(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+# Before anything else: the tests' helpers (imported below) need pytest, the suite hypothesis,
+# and the GPU machine has no network to fetch them from halfway through.
+MISSING = [name for name in ("pytest", "hypothesis") if not _imports(name)]
+if MISSING:
+    sys.exit(f"gpu_check: {' and '.join(MISSING)} missing: pip install pytest hypothesis (no network: carry "
+             f"their wheels, then pip install --no-index --find-links WHEELS_DIR pytest hypothesis)")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +86,9 @@ import safe_norm  # noqa: E402
 from safe_norm import _power  # noqa: E402
 from tests.helpers import APIS, DeviceWaits, exact_sigma, sn_state, used_sigma  # noqa: E402
 from tracking import sngan_d  # noqa: E402
+
+OUT_OF_TIME = "out of time (--budget)"
+
 
 @dataclasses.dataclass
 class Row:
@@ -94,8 +118,17 @@ class Check:
     def skip(self, section: str, item: str, why: str) -> None:
         self.rows.append(Row(section, item, "-", why, "skipped"))
 
+    def late(self, section: str, item: str) -> None:
+        self.skip(section, item, OUT_OF_TIME)
+
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def status(self) -> int:
+        # 2, not 0: a run the budget cut short has not checked every claim
+        if any(r.verdict == "FAIL" for r in self.rows):
+            return 1
+        return 2 if any(r.verdict == "skipped" and r.claim == OUT_OF_TIME for r in self.rows) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,19 +374,19 @@ def section_graphs(c: Check) -> None:
         eager = copy.deepcopy(net)
         try:
             step, twin = _graph_step(net, x), _graph_step(eager, x)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side = torch.cuda.Stream(c.device)
+            side.wait_stream(torch.cuda.current_stream(c.device))
             with torch.cuda.stream(side):
                 for _ in range(3):  # trained, and the warm-up capture needs
                     step(), twin()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(c.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
             for _ in range(5):
                 graph.replay()
                 twin()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(c.device)
             diff = max(((a - b).abs().max() / b.abs().max()).item()
                        for a, b in zip(net.state_dict().values(), eager.state_dict().values()) if b.is_floating_point())
             works[name] = diff <= 1e-5
@@ -395,7 +428,7 @@ def section_compile(c: Check) -> None:
     works: dict[str, bool] = {}
     for name, sn in _variants().items():
         if c.left() < 60:
-            c.skip("compile", f"{name}: torch.compile reduce-overhead", "out of time")
+            c.late("compile", f"{name}: torch.compile reduce-overhead")
             continue
         torch._dynamo.reset()
         counters.clear()
@@ -407,7 +440,7 @@ def section_compile(c: Check) -> None:
             step, twin = _compiled_step(compiled, x), _graph_step(eager, x)
             for _ in range(4):
                 step(), twin()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(c.device)
             diff = max(((a - b).abs().max() / b.abs().max()).item()
                        for a, b in zip(net.state_dict().values(), eager.state_dict().values()) if b.is_floating_point())
             skips = counters["inductor"]["cudagraph_skips"]  # inductor's reasons not to use a graph
@@ -438,12 +471,12 @@ def section_memory(c: Check) -> None:
             opt = torch.optim.Adam(net.parameters(), lr=2e-4)
             for _ in range(2):  # trained, optimizer state allocated
                 net(x).mean().backward(), opt.step(), opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(c.device)
+            base = torch.cuda.memory_allocated(c.device)
+            torch.cuda.reset_peak_memory_stats(c.device)
             net(x).mean().backward(), opt.step(), opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            peaks[name] = torch.cuda.max_memory_allocated() - base
+            torch.cuda.synchronize(c.device)
+            peaks[name] = torch.cuda.max_memory_allocated(c.device) - base
             del net, opt, x
             torch.cuda.empty_cache()
         for api in APIS:
@@ -457,11 +490,15 @@ def section_memory(c: Check) -> None:
 # Subprocesses: tests, benchmarks, the smoke
 
 
-def _subprocess(c: Check, title: str, cmd: list[str], limit: float, env: dict[str, str] | None = None,
-                cwd: Path = ROOT) -> tuple[int, str, float]:
-    """Runs ``cmd`` with at most ``limit`` seconds (and what the budget leaves); its output goes
-    to the notes."""
-    limit = max(1.0, min(limit, c.left()))
+def _subprocess(c: Check, title: str, cmd: list[str], limit: float, least: float, env: dict[str, str] | None = None,
+                cwd: Path = ROOT) -> tuple[int | None, str, float]:
+    """Runs ``cmd`` with at most ``limit`` seconds, or what the budget leaves; its output goes to
+    the notes. The return code is None where the budget stopped it, or left less than ``least``
+    seconds (what it takes at the least) to start it: its row is then skipped, not failed."""
+    if c.left() < least:
+        return None, "", 0.0
+    by_budget = c.left() < limit
+    limit = min(limit, c.left())
     start = time.perf_counter()
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                 "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -474,8 +511,8 @@ def _subprocess(c: Check, title: str, cmd: list[str], limit: float, env: dict[st
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raw, _ = proc.communicate()
-        rc = 124
-        raw += f"\n[stopped at its limit of {limit:.0f} s]".encode()
+        rc = None if by_budget else 124
+        raw += f"\n[stopped at {'what --budget left' if by_budget else 'its limit'}: {limit:.0f} s]".encode()
     out = raw.decode(errors="replace")
     seconds = time.perf_counter() - start
     c.notes.append((f"{title} (`{' '.join(cmd[1:])}`, rc {rc}, {seconds:.0f} s)", out[-6000:]))
@@ -483,23 +520,38 @@ def _subprocess(c: Check, title: str, cmd: list[str], limit: float, env: dict[st
 
 
 def _pytest_counts(out: str) -> dict[str, int]:
-    """pytest's summary line's counts (the last line that has them: stderr may follow it)."""
-    pattern = r"\d+ (passed|failed|skipped|deselected)"
+    """pytest's summary line's counts (the last line that has them: stderr may follow it), "error"
+    counted as "errors"."""
+    pattern = r"(\d+) (passed|failed|skipped|errors?|deselected)\b"
     tail = next((line for line in reversed(out.splitlines()) if re.search(pattern, line)), "")
-    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
+    counts = dict.fromkeys(("passed", "failed", "errors", "skipped"), 0)
+    for n, k in re.findall(pattern, tail):
+        counts["errors" if k.startswith("error") else k] = int(n)
+    return counts
+
+
+def _pytest_measured(n: dict[str, int], rc: int, seconds: float) -> str:
+    return (f"{n['passed']} passed, {n['failed']} failed, {n['errors']} errors, {n['skipped']} skipped, "
+            f"rc {rc} ({seconds:.0f} s)")
 
 
 def section_tests(c: Check) -> None:
     py = sys.executable
+    item = "the CUDA tests (tests/test_cuda.py, test_precision's CUDA case)"
     rc, out, s = _subprocess(c, "CUDA tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                               "tests/test_cuda.py", "tests/test_precision.py", "-k", "cuda"], 240)
-    n = _pytest_counts(out)
-    ran = n.get("passed", 0) + n.get("failed", 0)
-    c.row("tests", "the CUDA tests (tests/test_cuda.py, test_precision's CUDA case)",
-          f"{n.get('passed', 0)} passed, {n.get('failed', 0)} failed, {n.get('skipped', 0)} skipped ({s:.0f} s)",
-          "all pass" if c.cuda else "all skipped without CUDA",
-          rc == 0 and (ran > 0 if c.cuda else ran == 0))
+                                               "tests/test_cuda.py", "tests/test_precision.py", "-k", "cuda"],
+                             240, least=20)
+    if rc is None:
+        c.late("tests", item)
+    else:
+        n = _pytest_counts(out)
+        ran = n["passed"] + n["failed"]
+        # rc 0 only: 1 is a failure, 2 to 5 a run that broke off or never collected (a killed
+        # run's counts read 0 passed, 0 failed)
+        c.row("tests", item, _pytest_measured(n, rc, s), "all pass" if c.cuda else "all skipped without CUDA",
+              rc == 0 and n["errors"] == 0 and (ran > 0 if c.cuda else ran == 0))
     files = ["tests/test_errors.py"] if c.quick else ["tests"]
+    item = f"{' '.join(files)} with the default device {c.device}"
     extra: list[str] = []
     if not c.quick:  # where the GPU machine has them: 8 workers, and a limit per test
         with contextlib.suppress(ImportError):
@@ -511,13 +563,16 @@ def section_tests(c: Check) -> None:
     rc, out, s = _subprocess(c, f"suite, default device {c.device}",
                              [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, *files,
                               "--ignore=tests/test_gpu_check.py"],  # this script's own dry run
-                             240, env={"SAFE_NORM_TEST_DEVICE": str(c.device), "TORCHINDUCTOR_COMPILE_THREADS": "2"})
+                             240, least=20 if c.quick else 60,
+                             env={"SAFE_NORM_TEST_DEVICE": str(c.device), "TORCHINDUCTOR_COMPILE_THREADS": "2"})
+    if rc is None:
+        c.late("tests", item)
+        return
     n = _pytest_counts(out)
     failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.MULTILINE)))
     c.notes.append((f"tests failing with the default device {c.device}", "\n".join(failed) or "none"))
-    c.row("tests", f"{' '.join(files)} with the default device {c.device}",
-          f"{n.get('passed', 0)} passed, {n.get('failed', 0)} failed, {n.get('skipped', 0)} skipped ({s:.0f} s)",
-          "reported; failures listed below for review", None if rc in (0, 1) else False)
+    c.row("tests", item, _pytest_measured(n, rc, s), "reported; failures listed below for review",
+          None if rc in (0, 1) else False)
 
 
 def section_benchmarks(c: Check) -> None:
@@ -534,11 +589,11 @@ def section_benchmarks(c: Check) -> None:
          + (["--variants", "safe_norm, track_tol=0.0001"] if quick else [])),
     ]
     for script, args in runs:
-        if c.left() < 20:
-            c.skip("benchmarks", script, "out of time")
-            continue
         rc, out, s = _subprocess(c, f"benchmarks/{script}", [sys.executable, script, "--device", dev, *args],
-                                 120, cwd=ROOT / "benchmarks")
+                                 120, least=20, cwd=ROOT / "benchmarks")
+        if rc is None:
+            c.late("benchmarks", f"{script} --device {dev}")
+            continue
         ratios = re.findall(r"\b(\d+\.\d+)x?\s*$", out, re.MULTILINE)
         c.row("benchmarks", f"{script} --device {dev}", f"rc {rc}, {s:.0f} s, {len(ratios)} figures (output below)",
               "runs; ratios against upstream from the same run", rc == 0)
@@ -547,18 +602,35 @@ def section_benchmarks(c: Check) -> None:
 SMOKE = [ROOT.parent / "shared" / "hooks" / "real_usage_smoke.py", ROOT / "shared" / "hooks" / "real_usage_smoke.py"]
 
 
+# Runs the smoke as ``python PATH`` would (its __file__, its folder first on sys.path; a
+# ``from __future__`` import stays first) with the default device set. Its own CPU target,
+# device="cpu" (``to_empty(device="cpu")``), becomes the device's, so that a module moved "to the
+# device" meets inputs made on the default device; hence compile() of the edited text, not
+# runpy.run_path, which runs a file as it is. Same lines, so tracebacks point into the original.
+SMOKE_RUNNER = """\
+import os, sys, torch
+device, path = sys.argv[1:3]
+torch.set_default_device(device)
+sys.argv, sys.path[0] = [path], os.path.dirname(path)
+with open(path) as f:
+    code = compile(f.read().replace('device="cpu"', f'device="{device}"'), path, "exec")
+exec(code, {"__name__": "__main__", "__file__": path})
+"""
+
+
 def section_smoke(c: Check, path: Path | None) -> None:
     found = path or next((p for p in SMOKE if p.exists()), None)
     if found is None or not found.exists():
         c.skip("smoke", "real_usage_smoke.py", "not present (pass --smoke PATH)")
         return
-    # The smoke's own CPU target becomes the device's, so that a module moved "to the device"
-    # meets inputs made on the default device.
-    text = found.read_text().replace('device="cpu"', f'device="{c.device}"')
     with tempfile.TemporaryDirectory() as tmp:
-        wrapper = Path(tmp) / found.name
-        wrapper.write_text(f"import torch\ntorch.set_default_device({str(c.device)!r})\n{text}")
-        rc, out, _ = _subprocess(c, f"smoke on {c.device}", [sys.executable, str(wrapper)], 120)
+        runner = Path(tmp) / "smoke_runner.py"
+        runner.write_text(SMOKE_RUNNER)
+        rc, out, _ = _subprocess(c, f"smoke on {c.device}", [sys.executable, str(runner), str(c.device),
+                                                             str(found.resolve())], 120, least=10)
+    if rc is None:
+        c.late("smoke", f"{found.name}, default device {c.device}")
+        return
     lines = [line for line in out.splitlines() if re.search(r"\b(ok|DIFFERS|FAILS)\b", line)]
     bad = [line for line in lines if re.search(r"\b(DIFFERS|FAILS)\b", line)]
     c.row("smoke", f"{found.name}, default device {c.device}", f"rc {rc}: {len(lines) - len(bad)} ok, {len(bad)} not",
@@ -572,7 +644,10 @@ def install(c: Check) -> None:
     """The repository itself, with pip, from its own files (no index: a GPU machine may have no
     network); the installed torch is used as it is."""
     rc, _, s = _subprocess(c, "install", [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                                            "--no-build-isolation", "--no-index", "-e", str(ROOT)], 180)
+                                            "--no-build-isolation", "--no-index", "-e", str(ROOT)], 180, least=0)
+    if rc is None:
+        c.late("setup", "pip install -e . (no deps, no index)")
+        return
     c.row("setup", "pip install -e . (no deps, no index)", f"rc {rc}, {s:.0f} s",
           "installs; otherwise the steps run from the checkout (PYTHONPATH)", None if rc else True)
 
@@ -593,25 +668,31 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short settings (the CPU dry run)")
     parser.add_argument("--install", action="store_true", help="pip install the checkout first (--no-deps, no index)")
     parser.add_argument("--budget", type=float, default=400, help="seconds after which no new step starts")
-    parser.add_argument("--sections", default="tests,syncs,autocast,graphs,memory,benchmarks,smoke,compile")
+    parser.add_argument("--sections", default="syncs,autocast,graphs,memory,smoke,tests,compile,benchmarks")
     parser.add_argument("--smoke", type=Path, default=None, help="real_usage_smoke.py's path")
     parser.add_argument("--out", type=Path, default=None, help="also write the table and the outputs here")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --device cpu --quick for the dry run")
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"{device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        # Streams, graph capture and the caching allocator's pools act on the current device,
+        # cuda:0 unless set: cuda:1's steps would otherwise capture and count on cuda:0
+        torch.cuda.set_device(device)
     started = time.monotonic()
     c = Check(device=device, quick=args.quick, deadline=started + args.budget)
     if args.install:
         install(c)
     sections: dict[str, Callable[[Check], None]] = {
-        "tests": section_tests, "syncs": section_syncs, "autocast": section_autocast, "graphs": section_graphs,
-        "memory": section_memory, "benchmarks": section_benchmarks, "smoke": lambda c: section_smoke(c, args.smoke),
-        "compile": section_compile,
+        "syncs": section_syncs, "autocast": section_autocast, "graphs": section_graphs, "memory": section_memory,
+        "smoke": lambda c: section_smoke(c, args.smoke), "tests": section_tests, "compile": section_compile,
+        "benchmarks": section_benchmarks,
     }
     for name in args.sections.split(","):
         if c.left() <= 0:
-            c.skip(name, "the whole section", "out of time (--budget)")
+            c.late(name, "the whole section")
             continue
         print(f"[{time.monotonic() - started:5.0f} s] {name}", file=sys.stderr, flush=True)
         try:
@@ -624,7 +705,7 @@ def main() -> int:
     if args.out:
         notes = "\n\n".join(f"### {title}\n\n```\n{text.strip()}\n```" for title, text in c.notes)
         args.out.write_text(f"{table}\n\n## Outputs\n\n{notes}\n")
-    return 1 if any(r.verdict == "FAIL" for r in c.rows) else 0
+    return c.status()
 
 
 if __name__ == "__main__":
