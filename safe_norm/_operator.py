@@ -11,10 +11,11 @@ sigma.  :func:`operator_norm` measures the operator norm, with a certificate:
   float64 rounding).
 * ``upper``: never below the true norm.  A convolution with zero padding ``p`` on inputs of
   length ``n`` is a restriction of the circular convolution with the same kernel on ``Z_N``,
-  ``N = n + p_left + p_right`` (the zero-extended input, where no output window wraps; stride
-  subsamples the output rows), and a circular convolution is block-diagonalised by the DFT: its
-  norm is the largest singular value over the ``N``-point frequency grid of the channel matrix
-  ``Σ_t K_t exp(2πi k·τ_t / N)`` (taps ``t`` at offsets ``τ_t``, dilation included).  Groups are
+  ``N >= n + p_left + p_right`` (the zero-extended input, where no output window wraps), and a
+  circular convolution is block-diagonalised by the DFT: its norm is the largest singular value
+  over the ``N``-point frequency grid of the channel matrix ``Σ_t K_t exp(2πi k·τ_t / N)`` (taps
+  ``t`` at offsets ``τ_t``, dilation included).  A stride keeps every ``s``-th output row: with
+  ``N`` a multiple of ``s`` that is exact too (polyphase, :func:`_certified_upper`).  Groups are
   blocks: the largest over groups (not their product).  Circular padding is the circular
   convolution on ``Z_n`` itself, with output rows repeated where the padded length exceeds
   ``n`` (a factor ``√(repeats)``).  A transposed convolution is the adjoint of the convolution
