@@ -94,7 +94,7 @@ class _WeightSizedAllocations(TorchDispatchMode):
 @pytest.mark.parametrize("weight", ["float32", "float32 1e-30", "float64 1e30"])
 def test_a_lanczos_registration_makes_no_copy_of_the_weight(api, weight):
     """The weight's checks and the warm-up read it in place: the finiteness check and the
-    warm-up's magnitude one aminmax pass each, without a temporary, and the Lanczos products on
+    warm-up's magnitude two reductions each, without a temporary, and the Lanczos products on
     the weight itself (isfinite().all() and a scaled copy were six passes and four weight-sized
     temporaries: more time than twenty of its products at 4096x4096).  Only weights of extreme magnitude are worked on scaled, and
     they still converge.  The parametrization API evaluates the parametrization once at
