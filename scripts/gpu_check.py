@@ -7,7 +7,7 @@ subprocess that the budget cannot let finish)::
     python scripts/gpu_check.py --install --out gpu_check.md
 
 It needs pytest and hypothesis beside torch (it says so and stops where they are missing). The
-CPU dry run (CI runs it, under a minute): the same code, CUDA's own steps reported as skipped::
+CPU dry run (CI runs it: 1-4 minutes on 2 cores): the same code, CUDA's own steps reported as skipped::
 
     python scripts/gpu_check.py --device cpu --quick
 
