@@ -261,7 +261,7 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _pow
         warm = bool(torch.equal(ref[h:], torch.cat([u, v]).to(Wr))
                     and (Wr - ref[:h]).norm() <= _power.WARM_CHANGE * ref[:h].norm())
     steps = _power.WARM_STEPS if warm else 0
-    return _power.warm_up_(view.matrix().detach(), u, v, eps=view.eps, tol=_tol(state), u_first=view.u_first,
+    return _power.warm_up_(view.matrix().detach(), u, v, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
@@ -303,7 +303,7 @@ def _tracked(state: State, view: View) -> Tensor:
     sigma = found.sigma
     if not found.met:
         with torch.no_grad():
-            solved = _power.warm_up_(W.detach(), view.u, view.v, eps=view.eps, tol=tol,
+            solved = _power.warm_up_(W.detach(), view.u, view.v, tol=tol,
                                      u_first=view.u_first, reconverge=True)
             sigma = _power.sigma(W.detach(), view.u, view.v)
         if solved.error_estimate > tol:

@@ -560,7 +560,6 @@ def warm_up_(
     u: Tensor,
     v: Tensor,
     *,
-    eps: float,
     tol: float,
     max_steps: int = MAX_WARMUP_STEPS,
     exact_side: int | None = None,
@@ -595,7 +594,7 @@ def warm_up_(
     if not W.is_meta and _compat.autocast_enabled(W.device.type):
         # Under autocast the products would run in half precision, against float32 vectors
         with torch.autocast(W.device.type, enabled=False):
-            return warm_up_(W, u, v, eps=eps, tol=tol, max_steps=max_steps, exact_side=exact_side,
+            return warm_up_(W, u, v, tol=tol, max_steps=max_steps, exact_side=exact_side,
                             u_first=u_first, warm_steps=warm_steps, reconverge=reconverge)
     if u_first:
         W, u, v = oriented(W, u, v, True)
@@ -646,8 +645,8 @@ def warm_up_(
         return result
     if not torch.isfinite(new_v).all():
         return WarmUp(result.steps, math.inf)
-    # Each by its own norm, not through F.normalize's eps: on the unscaled weight W v has the
-    # norm sigma, which can lie below the user's eps (a layer of sigma 1e-6, eps=1e-4), and
+    # Each by its own norm, not through the layer's eps (F.normalize): on the unscaled weight
+    # W v has the norm sigma, which can lie below eps (a layer of sigma 1e-6, eps=1e-4), and
     # normalize would leave u that much short of unit length.  Neither is zero: v is a top
     # singular vector estimate of a nonzero W.
     v.copy_(_unit(new_v))
