@@ -215,7 +215,7 @@ def _lanczos(apply, adjoint, n: int, device: torch.device, upper: float, tol: fl
     alphas: list[float] = []
     betas: list[float] = []
     history: list[float] = []
-    x = V[0]
+    top = torch.ones(1, dtype=torch.float64)  # coordinates of the top Ritz vector in V
     for j in range(max_steps):
         p = apply(V[j])
         if j == 0:
@@ -240,11 +240,12 @@ def _lanczos(apply, adjoint, n: int, device: torch.device, upper: float, tol: fl
         spent = not beta > 1e-14 * S[0].item()
         if not spent:
             V[j + 1] = q / beta
-        x = V[: k + 1].mT @ Qh[0].to(device)
+        top = Qh[0]
         history.append(S[0].item())
         if spent or history[-1] >= upper / (1 + tol) or (
                 len(history) > STALL_STEPS and history[-1] <= history[-1 - STALL_STEPS] * (1 + tol * STALL)):
             break
+    x = V[: top.numel()].mT @ top.to(device)  # once, for the Ritz vector kept
     image = apply(x)
     return (image.norm() / x.norm()).item(), len(history)
 
