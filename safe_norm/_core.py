@@ -60,6 +60,7 @@ class View(NamedTuple):
     eps: float
     n_power_iterations: int
     u_first: bool  # the parametrization API's power step updates u first
+    coeff: float | None = None  # soft normalisation: divide by max(1, sigma / coeff)
 
     def matrix(self) -> Tensor:
         return _power.weight_to_matrix(self.weight, self.dim)
@@ -269,7 +270,7 @@ def _normalise(view: View, sigma: Tensor) -> Tensor:
     # The graph (if any) is built on clones: a later power step writes the buffers in place.
     u = view.u.clone(memory_format=torch.contiguous_format)
     v = view.v.clone(memory_format=torch.contiguous_format)
-    return _power.normalise(view.weight, u, v, sigma, view.dim)
+    return _power.normalise(view.weight, u, v, sigma, view.dim, view.coeff)
 
 
 def _normalised(view: View, training: bool) -> Tensor:

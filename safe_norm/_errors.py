@@ -141,3 +141,10 @@ def check_warmup_tol(tol: float | None, name: str = "warmup_tol") -> None:
         return
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and 0 < tol < 1):
         raise ValueError(f"spectral_norm: {name} must be in (0, 1) or None, got {tol!r}")
+
+
+def check_coeff(coeff: float | None) -> None:
+    if coeff is None:
+        return
+    if isinstance(coeff, bool) or not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and coeff > 0):
+        raise ValueError(f"spectral_norm: coeff must be a positive finite number or None, got {coeff!r}")

@@ -145,19 +145,25 @@ def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return torch.vdot(u, torch.mv(W, v))
 
 
-def normalise(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
-    """``weight / σ(weight)`` where ``σ(W) = uᴴ W v`` with ``u``, ``v`` held constant.
+def normalise(
+    weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, coeff: float | None = None
+) -> Tensor:
+    """``weight / σ(weight)`` where ``σ(W) = uᴴ W v`` with ``u``, ``v`` held constant; with
+    ``coeff``, the soft normalisation ``weight / max(1, σ(weight) / coeff)`` (a weight whose
+    sigma is at most ``coeff`` is left as it is).
 
     ``sigma`` is that value, computed by the caller without a graph.  The gradient is upstream's
     (autograd through ``W / (uᵀWv)``) in closed form, ``g/σ - (⟨g, W⟩/σ²) u vᵀ``: one reduction
-    and one rank-one update instead of the op-by-op graph.  Complex weights, ``torch.func``
-    transforms and forward-mode AD take upstream's differentiable expression instead, whose
-    every derivative torch provides (a ctx-style ``autograd.Function`` is refused under
-    transforms, and one with ``setup_context`` costs more than this op on small weights).
+    and one rank-one update instead of the op-by-op graph (soft: the same with the divisor
+    ``d = max(1, σ/coeff)`` and ``∂d/∂σ``, ``1/coeff`` where ``σ/coeff ≥ 1`` as
+    ``torch.clamp``'s gradient, else 0).  Complex weights, ``torch.func`` transforms and
+    forward-mode AD take the differentiable expression instead, whose every derivative torch
+    provides (a ctx-style ``autograd.Function`` is refused under transforms, and one with
+    ``setup_context`` costs more than this op on small weights).
     """
     if weight.dtype.is_complex or transformed():
-        return weight / _usable(sigma_with_graph(weight, u, v, dim))
-    return _Normalise.apply(weight, u, v, sigma, dim)
+        return weight / _divisor(sigma_with_graph(weight, u, v, dim), coeff)
+    return _Normalise.apply(weight, u, v, sigma, dim, coeff)
 
 
 def transformed() -> bool:
@@ -176,6 +182,16 @@ def _usable(sigma: Tensor) -> Tensor:
     return torch.where(sigma == 0, torch.ones_like(sigma), sigma)
 
 
+def _divisor(sigma: Tensor, coeff: float | None) -> Tensor:
+    """What the weight is divided by: sigma (:func:`_usable`), or ``max(1, sigma / coeff)``."""
+    return _usable(sigma) if coeff is None else torch.clamp(sigma / coeff, min=1)
+
+
+def _slope(sigma: Tensor, coeff: float) -> Tensor:
+    """``∂ divisor / ∂ sigma`` of a soft normalisation, held constant in the backward."""
+    return (sigma / coeff >= 1).to(sigma) / coeff
+
+
 def sigma_with_graph(weight: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
     return sigma(weight_to_matrix(weight, dim), u, v)
 
@@ -192,28 +208,34 @@ class _Normalise(torch.autograd.Function):
     # ctx-style forward: with a separate setup_context, torch binds the arguments through
     # inspect.signature on every call, which costs more than the whole op on small weights.
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:  # type: ignore[override]
-        sigma = _usable(sigma)
-        ctx.save_for_backward(weight, u, v, sigma)
-        ctx.dim = dim
-        return weight / sigma
+    def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int,  # type: ignore[override]
+                coeff: float | None) -> Tensor:
+        divisor = _divisor(sigma, coeff)
+        ctx.save_for_backward(weight, u, v, sigma, divisor)
+        ctx.dim, ctx.coeff = dim, coeff
+        return weight / divisor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight, u, v, sigma = ctx.saved_tensors
+        weight, u, v, sigma, divisor = ctx.saved_tensors
+        rank_one_scale = _slope(sigma, ctx.coeff) if ctx.coeff is not None else None
         if torch.is_grad_enabled():
             # create_graph=True: a differentiable expression (sigma recomputed from the weight),
             # so that a further backward sees every dependence on the weight, as upstream's does.
-            s = _usable(sigma_with_graph(weight, u, v, ctx.dim))
+            d = _divisor(sigma_with_graph(weight, u, v, ctx.dim), ctx.coeff)
             rank_one = _from_matrix(torch.outer(u, v), weight, ctx.dim)
-            grad_weight = grad / s - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / s**2) * rank_one
+            if rank_one_scale is not None:
+                rank_one = rank_one * rank_one_scale
+            grad_weight = grad / d - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / d**2) * rank_one
         else:
-            inv = sigma.reciprocal()
-            coeff = torch.vdot(grad.reshape(-1), weight.reshape(-1)) * inv * inv
+            inv = divisor.reciprocal()
+            k = torch.vdot(grad.reshape(-1), weight.reshape(-1)) * inv * inv
+            if rank_one_scale is not None:
+                k = k * rank_one_scale
             # in-place addr_ on the fresh g/σ: several times faster than torch.addr on CPU
             g = weight_to_matrix(grad * inv, ctx.dim)
-            grad_weight = _from_matrix(g.addr_(u, v * -coeff), weight, ctx.dim)
-        return grad_weight, None, None, None, None
+            grad_weight = _from_matrix(g.addr_(u, v * -k), weight, ctx.dim)
+        return grad_weight, None, None, None, None, None
 
 
 class Tracked(NamedTuple):

@@ -21,7 +21,7 @@ from torch.nn.utils.spectral_norm import (
 )
 
 from . import _core, _power
-from ._errors import check_options, check_warmup_tol, check_weight
+from ._errors import check_coeff, check_options, check_warmup_tol, check_weight
 from ._lazy import Pending, pending_hooks, pending_on
 
 __all__ = [
@@ -49,6 +49,8 @@ class SpectralNorm(_UpstreamSpectralNorm):
     _state: _core.State | None = None
     # The module this hook normalises, for __deepcopy__ (weak: the module holds the hook).
     _module: weakref.ref[nn.Module] | None = None
+    # Soft normalisation (spectral_norm's ``coeff``); None: upstream's W / sigma.
+    coeff: float | None = None
 
     def view(self, module: nn.Module) -> _core.View:
         return _core.View(
@@ -59,6 +61,7 @@ class SpectralNorm(_UpstreamSpectralNorm):
             self.eps,
             self.n_power_iterations,
             u_first=False,
+            coeff=self.coeff,
         )
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
@@ -108,12 +111,15 @@ class SpectralNorm(_UpstreamSpectralNorm):
         eps: float,
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
         track_tol: float | None = None,
+        coeff: float | None = None,
     ) -> SpectralNorm:
         check_weight(module, name, dim, n_power_iterations)
         # Upstream's registration verbatim: its checks and exception types, parameter and buffer
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
         ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
+        if coeff is not None:  # only then an attribute of the hook: the default's is upstream's
+            ours.coeff = coeff
         ours.start(module, warmup_tol, label=f"{type(module).__name__}.{name}", track=track_tol)
         return ours
 
@@ -164,6 +170,7 @@ def spectral_norm(
     *,
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
     track_tol: float | None = None,
+    coeff: float | None = None,
 ) -> T_module:
     r"""Apply spectral normalisation to a parameter of ``module``; a drop-in for
     :func:`torch.nn.utils.spectral_norm`.
@@ -193,6 +200,11 @@ def spectral_norm(
             ``n_power_iterations`` power iterations; README "Tracking").  ``None`` (default):
             upstream's training step.  Not saved in the ``state_dict``: pass it again when
             rebuilding the model.
+        coeff: opt-in soft normalisation (Lipschitz networks): the weight is divided by
+            ``max(1, sigma / coeff)``, so its spectral norm is at most ``coeff`` and a weight
+            already within it is used as it is (the ``spectral_norm_fc(module, coeff)`` of
+            invertible ResNets).  ``None`` (default): ``W / sigma``.  Not saved in the
+            ``state_dict``: pass it again when rebuilding the model.
 
     Returns:
         The original module, with the spectral-norm hook.
@@ -213,6 +225,7 @@ def spectral_norm(
     """
     check_warmup_tol(warmup_tol)
     check_warmup_tol(track_tol, "track_tol")
+    check_coeff(coeff)
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
         dim = _power.default_dim(module)
@@ -221,11 +234,11 @@ def spectral_norm(
         if pending_on(module, "hook", name):
             raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         register = partial(SpectralNorm.apply, name=name, n_power_iterations=n_power_iterations,
-                           dim=dim, eps=eps, warmup_tol=warmup_tol, track_tol=track_tol)
+                           dim=dim, eps=eps, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff)
         keys = partial(_checkpoint_keys, name=name)
         Pending("hook", name, register, keys, partial(_restore, name=name)).install(module)
         return module
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol, track_tol)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol, track_tol, coeff)
     return module
 
 

@@ -24,6 +24,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamSpectralNo
 
 from . import _compat, _core, _exports, _power
 from ._errors import (
+    check_coeff,
     check_dtype,
     check_finite,
     check_not_empty,
@@ -59,6 +60,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         *,
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
         track_tol: float | None = None,
+        coeff: float | None = None,
     ) -> None:
         # Not upstream's __init__: its 15 fixed iterations are what the warm-up replaces.
         # Its checks, messages and random draws are reproduced exactly.
@@ -77,6 +79,8 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         self.dim = dim if dim >= 0 else dim + ndim
         self.eps = eps
         self.warmup_tol = warmup_tol
+        if coeff is not None:  # only then an attribute: the default module is upstream's
+            self.coeff = coeff
         self._state: _core.State | None = None  # a vector is normalised exactly: no u, v
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
@@ -92,12 +96,18 @@ class _SpectralNorm(_UpstreamSpectralNorm):
             self._state = _core.State(warmup_tol, track=track_tol)
         _compat.register_load_pre_hook(self, _adopt_on_load)
 
+    # Soft normalisation (spectral_norm's ``coeff``); None: upstream's W / sigma.
+    coeff: float | None = None
+
     def view(self, weight: Tensor) -> _core.View:
-        return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True)
+        return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True,
+                          coeff=self.coeff)
 
     def forward(self, weight: Tensor) -> Tensor:
-        if weight.ndim == 1:
-            return F.normalize(weight, dim=0, eps=self.eps)  # exact: no u, v (as upstream)
+        if weight.ndim == 1:  # exact: no u, v (as upstream)
+            if self.coeff is not None:
+                return weight / torch.clamp(torch.linalg.vector_norm(weight) / self.coeff, min=1)
+            return F.normalize(weight, dim=0, eps=self.eps)
         return _core.forward(self._state, self.view(weight), self.training)
 
     def watch(self, weight: Tensor) -> None:
@@ -172,6 +182,7 @@ def spectral_norm(
     *,
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
     track_tol: float | None = None,
+    coeff: float | None = None,
 ) -> nn.Module:
     r"""Apply spectral normalisation to a tensor of ``module`` through a parametrization; a
     drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`.
@@ -199,6 +210,11 @@ def spectral_norm(
         track_tol: opt-in: keep sigma within this relative tolerance of the exact one at
             every training forward, as in :func:`safe_norm.spectral_norm`; ``None``
             (default): upstream's training step.  Not saved in the ``state_dict``.
+        coeff: opt-in soft normalisation (Lipschitz networks): the weight is divided by
+            ``max(1, sigma / coeff)``, so its spectral norm is at most ``coeff`` and a weight
+            already within it is used as it is (the ``spectral_norm_fc(module, coeff)`` of
+            invertible ResNets).  ``None`` (default): ``W / sigma``.  Not saved in the
+            ``state_dict``: pass it again when rebuilding the model.
 
     Returns:
         The original module with a new parametrization registered to ``name``.
@@ -220,6 +236,7 @@ def spectral_norm(
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     check_warmup_tol(warmup_tol)
     check_warmup_tol(track_tol, "track_tol")
+    check_coeff(coeff)
     check_options(module, name, n_power_iterations, eps)
     if dim is None:
         dim = _power.default_dim(module)
@@ -230,14 +247,15 @@ def spectral_norm(
                 f"got n_power_iterations={n_power_iterations}"
             )
         register = partial(_register, name=name, n_power_iterations=n_power_iterations, eps=eps,
-                           dim=dim, warmup_tol=warmup_tol, track_tol=track_tol)
+                           dim=dim, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff)
         keys = partial(_checkpoint_keys, name=name)
         Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
         return module
     check_dtype(module, name, weight)
     check_not_empty(module, name, weight)
     check_finite(module, name, weight)
-    sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol, track_tol=track_tol)
+    sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol, track_tol=track_tol,
+                       coeff=coeff)
     if sn._state is not None:
         sn._state.label = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, sn)
