@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad
 from torch.nn.utils import parametrize
 
-from safe_norm import _power, remove_spectral_norm
+from safe_norm import remove_spectral_norm
 
 from .helpers import APIS, exact_sigma, sn_state
 
