@@ -47,3 +47,15 @@ def test_bug_repro_follows_training_steps_from_the_eval_error(bug_repro):
     assert rows["upstream hook"][0] > 0.5 and rows["upstream param."][0] > 1e-3
     assert rows["safe_norm hook"][0] < 1e-4 and rows["safe_norm param."][0] < 1e-4
     assert rows["safe_norm hook"][1] < 1e-4  # the first training forward divides by a valid sigma
+
+
+def test_operator_sigma_shows_reshaped_normalised_convs_above_1_lipschitz(tmp_path):
+    out = tmp_path / "plot.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "examples/operator_sigma.py"), "--steps", "20", "--every", "10",
+                          "--out", str(out)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = re.findall(r"^\| conv [^|]+\| (\S+) \| (\S+) \| (\S+) \|$", run.stdout, flags=re.M)
+    assert len(rows) == 3, run.stdout
+    assert all(float(x) > 1.2 for row in rows for x in row), run.stdout  # measured 1.31-2.23
+    assert out.stat().st_size > 10_000
