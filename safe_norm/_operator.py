@@ -29,7 +29,8 @@ large next to the kernel; on small inputs with zero padding the boundary leaves 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from functools import partial
+from typing import Any, NamedTuple, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +64,13 @@ class OperatorNorm(NamedTuple):
         return self.upper / self.estimate - 1 if self.estimate > 0 else math.inf
 
 
-def _kind(layer: nn.Module) -> tuple[int, bool]:
+def _kind(layer: nn.Module, who: str = "operator_norm") -> tuple[int, bool]:
     """(spatial dimensions, transposed) of a convolution layer."""
     for table, transposed in ((_CONV, False), (_TRANSPOSED, True)):
         for cls, d in table.items():
             if isinstance(layer, cls):
                 return d, transposed
-    raise TypeError(f"operator_norm: expected a Conv1d/2d/3d or ConvTranspose1d/2d/3d layer, "
+    raise TypeError(f"{who}: expected a Conv1d/2d/3d or ConvTranspose1d/2d/3d layer, "
                     f"got {type(layer).__name__}")
 
 
@@ -101,31 +102,116 @@ def _pads(layer: Any, d: int, kernel: Sequence[int]) -> list[tuple[int, int]]:
     return [(p, p) for p in padding]
 
 
-def _shape(layer: Any, d: int, transposed: bool, input_shape: Sequence[int], weight: Tensor) -> tuple[int, ...]:
+def _shape(layer: Any, d: int, transposed: bool, input_shape: Sequence[int], weight: Tensor,
+           who: str = "operator_norm") -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     channels = weight.shape[0] if transposed else weight.shape[1] * layer.groups
     if len(shape) == d:
         shape = (channels, *shape)
     if len(shape) != d + 1 or shape[0] != channels or min(shape) < 1:
-        raise ValueError(f"operator_norm: input_shape of a {type(layer).__name__} is (channels, "
+        raise ValueError(f"{who}: input_shape of a {type(layer).__name__} is (channels, "
                          f"{', '.join('size' for _ in range(d))}) with {channels} channels, or the "
                          f"spatial sizes alone; got {tuple(input_shape)}")
     return shape
 
 
-def _operator(layer: Any, d: int, transposed: bool, weight: Tensor) -> Callable[[Tensor], Tensor]:
-    """The layer's linear part (no bias) on one sample, as a function."""
-    stride, dilation, groups = layer.stride, layer.dilation, layer.groups
-    if transposed:
-        padding, output_padding = layer.padding, layer.output_padding
-        return lambda x: _FUNCTIONAL_T[d](x[None], weight, None, stride, padding, output_padding, groups, dilation)[0]
-    mode = layer.padding_mode
-    flat = [p for pair in reversed(_pads(layer, d, weight.shape[2:])) for p in pair]  # F.pad: last dim first
+class ConvMap(NamedTuple):
+    """A convolution layer's linear part (no bias) on one sample of a fixed input shape, as a
+    map between flat vectors: what ``spectral_norm(..., input_shape=...)`` divides the layer
+    by the norm of, and what :func:`operator_norm` measures.  Plain data (it pickles and
+    copies); the weight is an argument of its products, so that they follow the weight's
+    dtype, device and autograd."""
 
-    def conv(x: Tensor) -> Tensor:
-        padded = F.pad(x, flat) if mode == "zeros" else F.pad(x[None], flat, mode=mode)[0]
-        return _FUNCTIONAL[d](padded[None], weight, None, stride, 0, dilation, groups)[0]
-    return conv
+    d: int  # spatial dimensions
+    transposed: bool
+    stride: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]  # convolution: (left, right) per dimension; transposed: (p, p)
+    dilation: tuple[int, ...]
+    groups: int
+    output_padding: tuple[int, ...]
+    circular: bool
+    in_shape: tuple[int, ...]  # (channels, *spatial)
+    out_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(outputs, inputs): the map's matrix shape."""
+        return math.prod(self.out_shape), math.prod(self.in_shape)
+
+    def apply(self, weight: Tensor, x: Tensor) -> Tensor:
+        """``A x`` for a flat input ``x``, flat."""
+        x = x.reshape(1, *self.in_shape)
+        if self.transposed:
+            padding = tuple(p for p, _ in self.pads)
+            y = _FUNCTIONAL_T[self.d](x, weight, None, self.stride, padding, self.output_padding, self.groups,
+                                      self.dilation)
+        else:
+            flat = [p for pair in reversed(self.pads) for p in pair]  # F.pad: last dimension first
+            padded = F.pad(x, flat, mode="circular") if self.circular else F.pad(x, flat)
+            y = _FUNCTIONAL[self.d](padded, weight, None, self.stride, 0, self.dilation, self.groups)
+        return y.reshape(-1)
+
+    def adjoint(self, weight: Tensor, y: Tensor) -> Tensor:
+        """``Aᴴ y`` for a flat output ``y``, flat: the transposed operation, written out (no
+        autograd, so it runs where the forward runs: compiled, under ``torch.func``)."""
+        y = y.reshape(1, *self.out_shape)
+        if self.transposed:  # a transposed convolution's adjoint is the convolution
+            padding = tuple(p for p, _ in self.pads)
+            x = _FUNCTIONAL[self.d](y, weight, None, self.stride, padding, self.dilation, self.groups)
+            # an output padding of a stride or more gives the convolution rows past the input's
+            # (the transposed one reads zeros there)
+            for axis, n in enumerate(self.in_shape[1:], start=2):
+                x = x.narrow(axis, 0, n)
+            return x.reshape(-1)
+        kernel = weight.shape[2:]
+        padded = [n + left + right for n, (left, right) in zip(self.in_shape[1:], self.pads)]
+        # the rows the strided windows do not reach get output padding (zeros' adjoint)
+        extra = tuple((p - dil * (k - 1) - 1) % s for p, dil, k, s in zip(padded, self.dilation, kernel, self.stride))
+        z = _FUNCTIONAL_T[self.d](y, weight, None, self.stride, 0, extra, self.groups, self.dilation)
+        for axis, (n, (left, right)) in enumerate(zip(self.in_shape[1:], self.pads), start=2):
+            core = z.narrow(axis, left, n)
+            if self.circular:  # F.pad's wrap: the padding's rows came from the far ends
+                core = core.clone()
+                if left:
+                    core.narrow(axis, n - left, left).add_(z.narrow(axis, 0, left))
+                if right:
+                    core.narrow(axis, 0, right).add_(z.narrow(axis, left + n, right))
+            z = core
+        return z.reshape(-1)
+
+
+def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None = None,
+             who: str = "operator_norm") -> ConvMap:
+    """The :class:`ConvMap` of a convolution layer on inputs of ``input_shape``
+    (``(channels, *spatial)`` or the spatial sizes alone).  Zero and circular padding
+    (``"same"`` and ``"valid"`` too); others are refused: ``who`` names the caller in errors."""
+    d, transposed = _kind(layer, who)
+    conv: Any = layer
+    if not transposed and conv.padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"{who}: padding_mode={conv.padding_mode!r} is not supported (zeros and circular are)")
+    W = conv.weight if weight is None else weight
+    shape = _shape(conv, d, transposed, input_shape, W, who)
+    kernel = tuple(W.shape[2:])
+    stride, dilation = tuple(conv.stride), tuple(conv.dilation)
+    if transposed:
+        pads = tuple((p, p) for p in conv.padding)
+        output_padding = tuple(conv.output_padding)
+        spatial = [(n - 1) * s - 2 * p + dil * (k - 1) + op + 1 for n, s, (p, _), dil, k, op in zip(
+            shape[1:], stride, pads, dilation, kernel, output_padding)]
+        channels = W.shape[1] * conv.groups
+    else:
+        pads = tuple(_pads(conv, d, kernel))
+        output_padding = (0,) * d
+        spatial = [(n + left + right - dil * (k - 1) - 1) // s + 1 for n, (left, right), dil, k, s in zip(
+            shape[1:], pads, dilation, kernel, stride)]
+        channels = W.shape[0]
+        if conv.padding_mode == "circular" and any(left > n or right > n for n, (left, right) in zip(shape[1:], pads)):
+            raise ValueError(f"{who}: circular padding {conv.padding} wraps more than once on inputs of {shape}")
+    if min(spatial) < 1:
+        raise ValueError(f"{who}: inputs of shape {shape} are smaller than the {type(layer).__name__}'s "
+                         f"kernel {kernel} (dilation {dilation}, padding {conv.padding}) covers")
+    return ConvMap(d, transposed, stride, pads, dilation, conv.groups, output_padding,
+                   not transposed and conv.padding_mode == "circular", shape, (channels, *spatial))
 
 
 def _certified_upper(weight: Tensor, d: int, groups: int, dilation: Sequence[int], grid: Sequence[int],
@@ -286,32 +372,21 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int], *, tol: float = 
         (True, True, True)
     """
     d, transposed = _kind(layer)
-    if not transposed and layer.padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"operator_norm: padding_mode={layer.padding_mode!r} is not supported "
-                         "(zeros and circular are); its norm has no certificate here")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"operator_norm: tol must lie in (0, 1), got {tol!r}")
+    if not transposed and cast(Any, layer).padding_mode not in ("zeros", "circular"):
+        conv_map(layer, input_shape)  # its error, before the weight is read
     W = _effective_weight(layer)
     if W.is_complex():
         raise TypeError("operator_norm: complex weights are not supported")
     if not bool(torch.isfinite(_power.max_abs(W))):
         raise ValueError("operator_norm: the layer's weight holds NaN or infinite values")
-    shape = _shape(layer, d, transposed, input_shape, W)
+    op = conv_map(layer, input_shape, W)
     wide = W.to(torch.float64)
-    apply = _operator(layer, d, transposed, wide)
-    probe = torch.zeros(shape, dtype=torch.float64, device=W.device, requires_grad=True)
-    with torch.enable_grad():
-        image = apply(probe)
-
-    def flat_apply(x: Tensor) -> Tensor:
-        return apply(x.reshape(shape)).reshape(-1)
-
-    def adjoint(y: Tensor) -> Tensor:  # A is linear: the vector-Jacobian product is Aᴴ y
-        (grad,) = torch.autograd.grad(image, probe, y.reshape(image.shape), retain_graph=True)
-        return grad.reshape(-1)
-
-    upper = _upper(layer, d, transposed, W, shape[1:])
-    steps = min(max_steps, probe.numel(), image.numel() + 1)
-    estimate, taken = _lanczos(flat_apply, adjoint, probe.numel(), W.device, upper, tol, steps)
+    upper = _upper(layer, d, transposed, W, op.in_shape[1:])
+    outputs, inputs = op.shape
+    steps = min(max_steps, inputs, outputs + 1)
+    estimate, taken = _lanczos(partial(op.apply, wide), partial(op.adjoint, wide), inputs, W.device, upper, tol,
+                               steps)
     reshaped = torch.linalg.matrix_norm(_power.weight_to_matrix(wide, 1 if transposed else 0), 2).item()
     return OperatorNorm(estimate, upper, reshaped, taken)

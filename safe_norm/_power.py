@@ -10,7 +10,8 @@ its leading left and right singular vectors, and the invariant after every train
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -773,6 +774,16 @@ def _lanczos_top(
     return new_v, found.ritz, WarmUp(found.steps, found.error)
 
 
+class Map(NamedTuple):
+    """A linear map given by its products, for :func:`_golub_kahan`: ``mv(x) = A x``,
+    ``rmv(y) = Aᴴ y``, ``shape = (rows, columns)``, ``dtype`` of its vectors."""
+
+    mv: Callable[[Tensor], Tensor]
+    rmv: Callable[[Tensor], Tensor]
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+
 class _Ritz(NamedTuple):
     right: Tensor  # top right singular vector estimate of A (unit)
     ritz: float  # the top Ritz value: the estimate of sigma_1(A)
@@ -791,9 +802,11 @@ def _next_check(k: int, error: float, before: tuple[int, float] | None, target: 
     return most
 
 
-def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int, first_check: int = FIRST_CHECK) -> _Ritz | None:
-    """Golub–Kahan–Lanczos bidiagonalisation of ``A`` from ``start`` (right side), with full
-    re-orthogonalisation, until the error bound of the top Ritz value is within ``tol``.
+def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
+                 first_check: int = FIRST_CHECK) -> _Ritz | None:
+    """Golub–Kahan–Lanczos bidiagonalisation of ``A`` (a matrix, or a :class:`Map`: a linear
+    map given by its products) from ``start`` (right side), with full re-orthogonalisation,
+    until the error bound of the top Ritz value is within ``tol``.
 
     The coefficients stay on the device; the bound is read at ``first_check`` steps and then
     where :func:`_next_check` says (one host synchronisation per check, none per step: on a
@@ -801,31 +814,35 @@ def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int, first_che
     Checking later than the first step that would have met it can only add steps.  ``None``
     when ``A`` maps ``start`` to zero (or to non-finite values).
     """
-    h, w = A.shape
+    if isinstance(A, Map):
+        mv, rmv, (h, w), dtype = A.mv, A.rmv, A.shape, A.dtype
+    else:
+        # the transpose made once: one op less to dispatch per step (see below)
+        mv, rmv, (h, w), dtype = partial(torch.mv, A), partial(torch.mv, A.mH), A.shape, A.dtype
     k_max = min(w, max_steps)
     if k_max < 1:
         return None
-    V = A.new_zeros(k_max + 1, w)  # right Lanczos vectors of A, as rows
-    U = A.new_zeros(k_max, h)  # left Lanczos vectors of A, as rows
-    coeffs = A.new_zeros(2, k_max, dtype=A.real.dtype)  # alphas, betas
+    V = start.new_zeros(k_max + 1, w, dtype=dtype)  # right Lanczos vectors of A, as rows
+    U = start.new_zeros(k_max, h, dtype=dtype)  # left Lanczos vectors of A, as rows
+    coeffs = start.new_zeros(2, k_max, dtype=V.real.dtype)  # alphas, betas
     tiny = torch.finfo(coeffs.dtype).tiny
     # Views made once (rows, coefficients, transposes): an index or a transpose per step is one
     # more op to dispatch, and on layers up to ~512 wide the ops' dispatch, not their
     # arithmetic, is what a step costs.
-    AH, VT, UT = A.mH, V.mT, U.mT
+    VT, UT = V.mT, U.mT
     vs, us = V.unbind(0), U.unbind(0)
     alphas_, betas_ = (c.unbind(0) for c in coeffs.unbind(0))
-    torch.div(start.to(A.dtype), start.norm().to(coeffs.dtype).clamp_min(tiny), out=vs[0])
+    torch.div(start.to(dtype), start.norm().to(coeffs.dtype).clamp_min(tiny), out=vs[0])
     check, before = min(max(first_check, 2), k_max), None
     # The three-term recurrence's subtractions (β u_{j-1} from p, α v_j from q) are left to
     # the full re-orthogonalisation, which removes those components too.
     for j in range(k_max):
-        p = torch.mv(A, vs[j])
+        p = mv(vs[j])
         if j:
             _orthogonalise_(p, U[:j], UT[:, :j])
         torch.linalg.vector_norm(p, out=alphas_[j])
         torch.div(p, alphas_[j].clamp_min(tiny), out=us[j])
-        q = torch.mv(AH, us[j])
+        q = rmv(us[j])
         _orthogonalise_(q, V[: j + 1], VT[:, : j + 1])
         torch.linalg.vector_norm(q, out=betas_[j])
         torch.div(q, betas_[j].clamp_min(tiny), out=vs[j + 1])
@@ -847,7 +864,7 @@ def _golub_kahan(A: Tensor, start: Tensor, tol: float, max_steps: int, first_che
             error = max(error, residual)
         # Not at the first step: its bound has no second Ritz value and takes sigma_2 as 0.
         if (k > 1 and error <= tol * SAFETY) or exhausted or j + 1 == k_max:
-            return _Ritz(_back(top, A) @ V[:k], ritz, error, k)  # top: computed on the host
+            return _Ritz(_back(top, V) @ V[:k], ritz, error, k)  # top: computed on the host
         check = min(k + _next_check(k, error, before, tol * SAFETY), k_max)
         before = (k, error)
     return None  # not reached: the last step always returns
