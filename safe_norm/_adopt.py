@@ -140,6 +140,11 @@ def convert(
     if rewarm_parametrizations and warmup_tol is None:
         raise ValueError("rewarm_parametrizations=True needs a warmup_tol (got None)")
     found = [layer for layer in layers(model) if layer.library == "upstream"]
+    others = [layer.where for layer in layers(model)
+              if layer.library == "other"]
+    if others:
+        warnings.warn(f"convert: left as they are (another library's subclasses of upstream's spectral norm, "
+                      f"whose forward is their own): {', '.join(others)}", stacklevel=2)
     for layer in found:
         if layer.api == "hook":
             # decided before anything changes: only random vectors are replaced

@@ -61,9 +61,19 @@ class View(NamedTuple):
     n_power_iterations: int
     u_first: bool  # the parametrization API's power step updates u first
     coeff: float | None = None  # soft normalisation: divide by max(1, sigma / coeff)
+    op: Any = None  # a ConvMap: sigma is the layer's norm as a map on inputs of its shape
 
     def matrix(self) -> Tensor:
+        """The reshaped weight: what the content checks read (and sigma's matrix, without op)."""
         return _power.weight_to_matrix(self.weight, self.dim)
+
+    def linear(self, matrix: Tensor | None = None) -> Tensor | _power.Map:
+        """What sigma is the norm of: the reshaped weight (``matrix``, where the caller has it),
+        or the operator with the weight (detached where that ``matrix`` is)."""
+        if self.op is None:
+            return self.matrix() if matrix is None else matrix
+        detached = matrix is not None and not matrix.requires_grad
+        return _power.Map(self.op, self.weight.detach() if detached else self.weight)
 
 
 class _Cached(NamedTuple):
@@ -204,7 +214,7 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
             and _same(cached.value_r, _times_probe(state, cached.value, view))
         ):
             return cached.value
-        sigma = _power.sigma(W, view.u, view.v)
+        sigma = _power.sigma(view.linear(W), view.u, view.v)
     value = _normalise(view, sigma)
     if cacheable:
         state.cache = _Cached(value, key,  # type: ignore[arg-type]
@@ -262,7 +272,7 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _pow
         warm = bool(torch.equal(ref[h:], torch.cat([u, v]).to(Wr))
                     and (Wr - ref[:h]).norm() <= _power.WARM_CHANGE * ref[:h].norm())
     steps = _power.WARM_STEPS if warm else 0
-    return _power.warm_up_(view.matrix().detach(), u, v, tol=_tol(state), u_first=view.u_first,
+    return _power.warm_up_(view.linear().detach(), u, v, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
@@ -270,12 +280,12 @@ def _normalise(view: View, sigma: Tensor) -> Tensor:
     # The graph (if any) is built on clones: a later power step writes the buffers in place.
     u = view.u.clone(memory_format=torch.contiguous_format)
     v = view.v.clone(memory_format=torch.contiguous_format)
-    return _power.normalise(view.weight, u, v, sigma, view.dim, view.coeff)
+    return _power.normalise(view.weight, u, v, sigma, view.dim, view.coeff, view.op)
 
 
 def _normalised(view: View, training: bool) -> Tensor:
     """Upstream's forward: a power step in training, then ``W / (uᴴ W v)``."""
-    W = view.matrix()
+    W = view.linear()
     if training:
         sigma = _power.power_iteration_(
             W, view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first
@@ -290,26 +300,33 @@ def _tracked(state: State, view: View) -> Tensor:
     """A training forward with ``track_tol``: sigma within it of the weight's, by block
     Krylov from the current vectors (:func:`safe_norm._power.track_`).  Where that cannot vouch
     for its result (a large jump of the weight, a degenerate top of the spectrum), the
-    warm-up's solve from the vectors it found; a warning each time that misses too."""
+    warm-up's solve from the vectors it found; a warning each time that misses too.
+
+    An operator norm (``input_shape``) is tracked by that solve at every step: block Krylov
+    keeps no basis for it, and the solve's second run from a fixed draw catches a direction
+    that overtook the old top one."""
     tol = state.track
     assert tol is not None
-    device = view.u.device  # DataParallel replicas share this state: one basis per device
     W = view.matrix()
-    found = _power.track_(W, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
-    if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
-        return _normalised(view, True)
-    state.blocks = found.next_check
-    if found.basis is not None:
-        state.basis[device] = found.basis
-    sigma = found.sigma
-    if not found.met:
-        with torch.no_grad():
-            solved = _power.warm_up_(W.detach(), view.u, view.v, tol=tol,
-                                     u_first=view.u_first, reconverge=True)
-            sigma = _power.sigma(W.detach(), view.u, view.v)
-        if solved.error_estimate > tol:
-            warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'}: sigma estimated "
-                          f"within {solved.error_estimate:.1e} only (asked: {tol:.0e})", stacklevel=4)
+    if view.op is None:
+        device = view.u.device  # DataParallel replicas share this state: one basis per device
+        found = _power.track_(W, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
+        if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
+            return _normalised(view, True)
+        state.blocks = found.next_check
+        if found.basis is not None:
+            state.basis[device] = found.basis
+        if found.met:
+            return _normalise(view, found.sigma)
+    with torch.no_grad():
+        A = view.linear(W.detach())
+        solved = _power.warm_up_(A, view.u, view.v, tol=tol, u_first=view.u_first, reconverge=True)
+        if not math.isfinite(solved.error_estimate) and solved.steps == 0 and view.op is not None:
+            return _normalised(view, True)  # a zero or non-finite weight, as above
+        sigma = _power.sigma(A, view.u, view.v)
+    if solved.error_estimate > tol:
+        warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'}: sigma estimated "
+                      f"within {solved.error_estimate:.1e} only (asked: {tol:.0e})", stacklevel=4)
     return _normalise(view, sigma)
 
 
@@ -344,4 +361,4 @@ def next_sigma(state: State | None, view: View) -> Tensor:
         if state.stale(_key(Wr, view)):
             u, v = u.clone(), v.clone()
             _warm_up(state, view, u, v, Wr)
-    return _power.sigma(W, u, v)
+    return _power.sigma(view.linear(W), u, v)

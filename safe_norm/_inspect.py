@@ -42,8 +42,12 @@ class Layer:
 
     @property
     def library(self) -> str:
-        ours = SpectralNorm if self.api == "hook" else _SpectralNorm
-        return "safe_norm" if isinstance(self.fn, ours) else "upstream"
+        """``"safe_norm"``, ``"upstream"``, or ``"other"``: a subclass of upstream's from another
+        library (the ``SpectralNormConv`` that uncertainty models copy, whose vectors are
+        shaped for a convolution's input and output), whose forward is its own."""
+        if isinstance(self.fn, SpectralNorm if self.api == "hook" else _SpectralNorm):
+            return "safe_norm"
+        return "upstream" if type(self.fn) in (_UpstreamHook, _UpstreamParametrization) else "other"
 
     @property
     def where(self) -> str:
@@ -79,17 +83,35 @@ def layers(model: nn.Module) -> Iterator[Layer]:
                         yield Layer(path, module, name, "parametrization", p, i)
 
 
-def _matrix(layer: Layer) -> Tensor:
+def _matrix(layer: Layer) -> Tensor | _power.Map:
+    """What the layer's sigma is the norm of: its reshaped weight, or (``input_shape``) the
+    operator with its weight."""
+    op = getattr(layer.fn, "op", None)
+    if op is not None:
+        return _power.Map(op, layer.weight().detach())
     return _power.weight_to_matrix(layer.weight().detach(), layer.fn.dim)
 
 
-def next_sigma(layer: Layer) -> Tensor:
-    """What the layer's next eval forward divides by, as a detached 0-d tensor."""
+def _readable(layer: Layer) -> bool:
+    """Whether ``uᴴ W v`` means something for the layer: not for another library's subclass
+    whose vectors do not fit the reshaped weight."""
+    if layer.library != "other":
+        return True
     u, v = layer.vectors()
-    if layer.api == "hook" and layer.library == "upstream":
+    return tuple(_matrix(layer).shape) == (u.numel(), v.numel())
+
+
+def next_sigma(layer: Layer) -> Tensor:
+    """What the layer's next eval forward divides by, as a detached 0-d tensor (NaN for
+    another library's layer whose vectors do not fit its reshaped weight)."""
+    u, v = layer.vectors()
+    if not _readable(layer):
+        return torch.tensor(math.nan, dtype=u.dtype)
+    if layer.api == "hook" and layer.library != "safe_norm":
         with torch.no_grad():  # upstream's hook omits the conjugate (MIGRATION H2)
             return torch.dot(u, torch.mv(_matrix(layer), v))
-    view = _core.View(layer.weight(), u, v, layer.fn.dim, layer.fn.eps, 1, u_first=layer.api != "hook")
+    view = _core.View(layer.weight(), u, v, layer.fn.dim, layer.fn.eps, 1, u_first=layer.api != "hook",
+                      coeff=getattr(layer.fn, "coeff", None), op=getattr(layer.fn, "op", None))
     return _core.next_sigma(getattr(layer.fn, "_state", None), view).real
 
 
@@ -102,7 +124,7 @@ def warms(layer: Layer) -> bool:
 def cosine(a: Tensor, M: Tensor, b: Tensor) -> float | None:
     """``|cos|`` between ``a`` and ``M b``; ``None`` when ``M b`` has no direction (zero or
     not finite).  A power step leaves ``u`` along ``W v`` and ``v`` along ``Wᴴ u``."""
-    image = torch.mv(M.to(a.dtype), b)
+    image = _power.mv(M.to(a.dtype), b)
     norm = torch.linalg.vector_norm(image)
     if not bool(torch.isfinite(norm)) or norm == 0:
         return None
@@ -128,7 +150,7 @@ def untrained(layer: Layer) -> bool | None:
     never untrained unless built with ``warmup_tol=None``."""
     if warms(layer):
         return False
-    if layer.api == "hook":
+    if layer.api == "hook" and _readable(layer):
         u, v = layer.vectors()
         return looks_untrained(_matrix(layer), u, v)
     return None
@@ -186,10 +208,16 @@ def exact_sigma(W: Tensor) -> float:
 
 def make_row(
     module: str, name: str, api: str, library: str | None, weight: Tensor, dim: int,
-    used: Tensor, untrained: bool | None, exact: bool,
+    used: Tensor, untrained: bool | None, exact: bool, reference: float | None = None,
 ) -> AuditRow:
+    """``reference``: the exact sigma where it is not the reshaped weight's (an operator norm)."""
     used_value = float(used.real if used.is_complex() else used)
-    true = exact_sigma(_power.weight_to_matrix(weight, dim)) if exact else math.nan
+    if not exact:
+        true = math.nan
+    elif reference is not None:
+        true = reference
+    else:
+        true = exact_sigma(_power.weight_to_matrix(weight, dim))
     error = (used_value - true) / true if true else math.nan
     return AuditRow(module, name, api, library, tuple(weight.shape), dim, used_value, true, error, untrained)
 
@@ -200,12 +228,16 @@ def audit(model: nn.Module, *, exact: bool = True,
     """One :class:`AuditRow` per spectral-normed tensor in ``model``: safe_norm's and
     upstream's, hook and parametrization API, in any mix.  Nothing in the model changes.
 
-    ``sigma`` is what the next eval forward divides by, ``exact`` the largest singular value
-    (float64 SVD; ``exact=False`` skips it, for very large models), ``untrained`` whether the
-    layer's ``u``, ``v`` are still registration's unconverged ones (PyTorch issue #51800: an
-    upstream hook-API layer put in ``eval()`` before any training forward).  ``print`` it for
-    a table.  A lazy module's registration that has not completed yet (no shape) is not
-    listed: run :func:`safe_norm.initialize_now` first.
+    ``sigma`` is what the next eval forward divides by (a sigma, also for ``coeff`` layers,
+    which divide by ``max(1, sigma / coeff)``), ``exact`` the largest singular value (float64
+    SVD; for a layer built with ``input_shape``, its norm as that map, by float64 Lanczos;
+    ``exact=False`` skips it, for very large models), ``untrained`` whether the layer's ``u``,
+    ``v`` are still registration's unconverged ones (PyTorch issue #51800: an upstream
+    hook-API layer put in ``eval()`` before any training forward).  ``print`` it for a table.
+    ``library`` is ``"other"`` for another library's subclass of upstream's (its sigma is
+    NaN where its vectors do not fit the reshaped weight: a convolution-shaped copy).  A lazy
+    module's registration that has not completed yet (no shape) is not listed: run
+    :func:`safe_norm.initialize_now` first.
 
     ``input_shapes`` maps convolution layers' paths to the shape of one input sample
     (``(channels, *spatial)``); their rows then also hold the normalised layer's norm as the map
@@ -228,14 +260,18 @@ def audit(model: nn.Module, *, exact: bool = True,
         0       weight  hook  upstream   16x8   0.0735... 1.35...  -9.5e-01    YES
         1       weight  hook  safe_norm  1x16   0.989...  0.989... +3.4e-08    no
     """
-    from ._operator import operator_norm  # noqa: PLC0415 - it reads layers through this module
+    from ._operator import measure, operator_norm  # noqa: PLC0415 - it reads layers through this module
 
     shapes = dict(input_shapes or {})
     rows = Audit()
     for layer in layers(model):
+        op = getattr(layer.fn, "op", None)
+        reference = None
+        if op is not None and exact:  # built with input_shape: its sigma is the operator's norm
+            reference = measure(layer.module, layer.weight().detach(), op.in_shape, 1e-10, 500).estimate
         row = make_row(
             layer.path, layer.name, layer.api, layer.library, layer.weight().detach(), layer.fn.dim,
-            next_sigma(layer), untrained(layer), exact,
+            next_sigma(layer), untrained(layer), exact, reference,
         )
         if layer.path in shapes and layer.name == "weight":
             found = operator_norm(layer.module, shapes.pop(layer.path))

@@ -83,7 +83,8 @@ def _effective_weight(layer: nn.Module) -> Tensor:
     for found in layers(layer):
         if found.module is layer and found.name == "weight":
             with torch.no_grad():
-                return (found.weight() / next_sigma(found)).detach()
+                divisor = _power.divisor(next_sigma(found), getattr(found.fn, "coeff", None))
+                return (found.weight() / divisor).detach()
     weight = getattr(layer, "weight")
     if isinstance(weight, nn.parameter.UninitializedParameter) or weight.is_meta:
         raise ValueError("operator_norm: the layer's weight has no values yet (a lazy or meta "
@@ -212,6 +213,35 @@ def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None
                          f"kernel {kernel} (dilation {dilation}, padding {conv.padding}) covers")
     return ConvMap(d, transposed, stride, pads, dilation, conv.groups, output_padding,
                    not transposed and conv.padding_mode == "circular", shape, (channels, *spatial))
+
+
+def operator_vectors(weight: Tensor, op: ConvMap, eps: float) -> tuple[Tensor, Tensor]:
+    """Random unit ``u`` (output-sized) and ``v`` (input-sized) for ``op``, drawn as upstream
+    draws its own (``normal_`` in the weight's dtype and device, then normalised)."""
+    with torch.no_grad():
+        u = F.normalize(weight.new_empty(op.shape[0]).normal_(0, 1), dim=0, eps=eps)
+        v = F.normalize(weight.new_empty(op.shape[1]).normal_(0, 1), dim=0, eps=eps)
+    return u, v
+
+
+def check_options(module: nn.Module, name: str, dim: int | None, input_shape: Sequence[int] | None) -> None:
+    """spectral_norm's checks of ``input_shape`` that need no weight values (a lazy module's
+    are completed at registration, by :func:`conv_map`)."""
+    if input_shape is None:
+        return
+    d, transposed = _kind(module, "spectral_norm")
+    if name != "weight":
+        raise ValueError(f"spectral_norm: input_shape normalises a convolution's weight, not {name!r}")
+    if dim is not None:
+        raise ValueError("spectral_norm: dim picks the rows of the reshaped weight; with input_shape the norm is "
+                         "the layer's as a map on its inputs: leave dim out")
+    if not transposed and cast(Any, module).padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"spectral_norm: padding_mode={cast(Any, module).padding_mode!r} is not supported "
+                         "with input_shape (zeros and circular are)")
+    if isinstance(input_shape, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                       for n in input_shape):
+        raise TypeError(f"spectral_norm: input_shape is a sequence of ints (channels, *spatial) or the "
+                        f"{d} spatial sizes, got {input_shape!r}")
 
 
 def _certified_upper(weight: Tensor, d: int, groups: int, dilation: Sequence[int], grid: Sequence[int],
@@ -376,13 +406,18 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int], *, tol: float = 
         raise ValueError(f"operator_norm: tol must lie in (0, 1), got {tol!r}")
     if not transposed and cast(Any, layer).padding_mode not in ("zeros", "circular"):
         conv_map(layer, input_shape)  # its error, before the weight is read
-    W = _effective_weight(layer)
+    return measure(layer, _effective_weight(layer), input_shape, tol, max_steps)
+
+
+def measure(layer: nn.Module, W: Tensor, input_shape: Sequence[int], tol: float, max_steps: int) -> OperatorNorm:
+    """:func:`operator_norm` of ``layer`` with the weight ``W``."""
+    d, transposed = _kind(layer)
     if W.is_complex():
         raise TypeError("operator_norm: complex weights are not supported")
     if not bool(torch.isfinite(_power.max_abs(W))):
         raise ValueError("operator_norm: the layer's weight holds NaN or infinite values")
     op = conv_map(layer, input_shape, W)
-    wide = W.to(torch.float64)
+    wide = W.detach().to(torch.float64)
     upper = _upper(layer, d, transposed, W, op.in_shape[1:])
     outputs, inputs = op.shape
     steps = min(max_steps, inputs, outputs + 1)

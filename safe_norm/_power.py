@@ -83,7 +83,7 @@ def oriented(W: Tensor, u: Tensor, v: Tensor, u_first: bool) -> tuple[Tensor, Te
 
 @torch.no_grad()
 def power_iteration_(
-    W: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, *, u_first: bool = False
+    W: Tensor | Map, u: Tensor, v: Tensor, n_power_iterations: int, eps: float, *, u_first: bool = False
 ) -> Tensor:
     """Run power iterations ``v <- normalize(Wᴴu); u <- normalize(Wv)`` (with ``u_first``:
     ``u`` first), **in place**, and return the resulting estimate ``σ = uᴴ W v`` (detached).
@@ -109,8 +109,8 @@ def power_iteration_(
     W = W.detach()
     for _ in range(n_power_iterations):
         # .mH makes the step correct for complex weights too (the transpose for real ones)
-        _normalize_into_(torch.mv(W.mH, u), v, eps)
-        Wv = torch.mv(W, v)
+        _normalize_into_(mv(W.mH, u), v, eps)
+        Wv = mv(W, v)
         _normalize_into_(Wv, u, eps)
     if u.dtype in _HALF:  # accumulate sigma in float32; keep the weight's dtype
         return torch.vdot(u.float(), Wv.float()).to(u.dtype)
@@ -141,13 +141,13 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
         torch.where(usable, x / norm, out, out=out)
 
 
-def sigma(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
+def sigma(W: Tensor | Map, u: Tensor, v: Tensor) -> Tensor:
     """The spectral-norm estimate ``uᴴ W v`` (differentiable in ``W``)."""
-    return torch.vdot(u, torch.mv(W, v))
+    return torch.vdot(u, mv(W, v))
 
 
 def normalise(
-    weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, coeff: float | None = None
+    weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int, coeff: float | None = None, op: Any = None
 ) -> Tensor:
     """``weight / σ(weight)`` where ``σ(W) = uᴴ W v`` with ``u``, ``v`` held constant; with
     ``coeff``, the soft normalisation ``weight / max(1, σ(weight) / coeff)`` (a weight whose
@@ -160,10 +160,14 @@ def normalise(
     ``torch.clamp``'s gradient, else 0).  Complex weights, ``torch.func`` transforms and
     forward-mode AD take the differentiable expression instead, whose every derivative torch
     provides (a ctx-style ``autograd.Function`` is refused under transforms, and one with
-    ``setup_context`` costs more than this op on small weights).
+    ``setup_context`` costs more than this op on small weights).  With ``op`` (a
+    :class:`Map`'s operator), sigma is ``uᴴ op(weight) v`` and autograd differentiates it
+    through the operator's own products.
     """
+    if op is not None:
+        return weight / divisor(sigma_with_graph(weight, u, v, dim, op), coeff)
     if weight.dtype.is_complex or transformed():
-        return weight / _divisor(sigma_with_graph(weight, u, v, dim), coeff)
+        return weight / divisor(sigma_with_graph(weight, u, v, dim), coeff)
     return _Normalise.apply(weight, u, v, sigma, dim, coeff)
 
 
@@ -183,7 +187,7 @@ def _usable(sigma: Tensor) -> Tensor:
     return torch.where(sigma == 0, torch.ones_like(sigma), sigma)
 
 
-def _divisor(sigma: Tensor, coeff: float | None) -> Tensor:
+def divisor(sigma: Tensor, coeff: float | None) -> Tensor:
     """What the weight is divided by: sigma (:func:`_usable`), or ``max(1, sigma / coeff)``."""
     return _usable(sigma) if coeff is None else torch.clamp(sigma / coeff, min=1)
 
@@ -193,8 +197,8 @@ def _slope(sigma: Tensor, coeff: float) -> Tensor:
     return (sigma / coeff >= 1).to(sigma) / coeff
 
 
-def sigma_with_graph(weight: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
-    return sigma(weight_to_matrix(weight, dim), u, v)
+def sigma_with_graph(weight: Tensor, u: Tensor, v: Tensor, dim: int, op: Any = None) -> Tensor:
+    return sigma(weight_to_matrix(weight, dim) if op is None else Map(op, weight), u, v)
 
 
 def _from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
@@ -211,25 +215,25 @@ class _Normalise(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int,  # type: ignore[override]
                 coeff: float | None) -> Tensor:
-        divisor = _divisor(sigma, coeff)
-        ctx.save_for_backward(weight, u, v, sigma, divisor)
+        by = divisor(sigma, coeff)
+        ctx.save_for_backward(weight, u, v, sigma, by)
         ctx.dim, ctx.coeff = dim, coeff
-        return weight / divisor
+        return weight / by
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight, u, v, sigma, divisor = ctx.saved_tensors
+        weight, u, v, sigma, by = ctx.saved_tensors
         rank_one_scale = _slope(sigma, ctx.coeff) if ctx.coeff is not None else None
         if torch.is_grad_enabled():
             # create_graph=True: a differentiable expression (sigma recomputed from the weight),
             # so that a further backward sees every dependence on the weight, as upstream's does.
-            d = _divisor(sigma_with_graph(weight, u, v, ctx.dim), ctx.coeff)
+            d = divisor(sigma_with_graph(weight, u, v, ctx.dim), ctx.coeff)
             rank_one = _from_matrix(torch.outer(u, v), weight, ctx.dim)
             if rank_one_scale is not None:
                 rank_one = rank_one * rank_one_scale
             grad_weight = grad / d - (torch.vdot(grad.reshape(-1), weight.reshape(-1)) / d**2) * rank_one
         else:
-            inv = divisor.reciprocal()
+            inv = by.reciprocal()
             k = torch.vdot(grad.reshape(-1), weight.reshape(-1)) * inv * inv
             if rank_one_scale is not None:
                 k = k * rank_one_scale
@@ -590,7 +594,7 @@ class WarmUp(NamedTuple):
 
 @torch.no_grad()
 def warm_up_(
-    W: Tensor,
+    W: Tensor | Map,
     u: Tensor,
     v: Tensor,
     *,
@@ -635,7 +639,8 @@ def warm_up_(
     if min(W.shape) == 0:
         return WarmUp(0, 0.0)
     work = torch.promote_types(W.dtype, torch.float32)
-    scale = max_abs(W.detach()).item()  # the warm-up's one read of the weight's magnitude
+    # the warm-up's one read of the weight's magnitude (a map's norm scales with its weight's)
+    scale = max_abs((W.weight if isinstance(W, Map) else W).detach()).item()
     if not (scale > 0 and math.isfinite(scale)):
         return WarmUp(0, math.inf)  # an all-zero or non-finite weight: nothing to converge to
     # Singular vectors do not depend on the scale.  Weights of extreme magnitude (1e-30, 1e30)
@@ -647,7 +652,7 @@ def warm_up_(
     Ws = W.detach().to(work)
     if not SAFE_SCALE[0] <= scale <= SAFE_SCALE[1]:
         Ws = Ws / scale
-    small = min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side)
+    small = not isinstance(W, Map) and min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side)
     found = None
     if warm_steps:
         tried = _lanczos_top(Ws, u.to(work), v.to(work), tol, warm_steps, first_check=FIRST_WARM_CHECK)
@@ -684,7 +689,7 @@ def warm_up_(
     # normalize would leave u that much short of unit length.  Neither is zero: v is a top
     # singular vector estimate of a nonzero W.
     v.copy_(_unit(new_v))
-    u.copy_(_unit(torch.mv(Ws, v.to(work))))
+    u.copy_(_unit(mv(Ws, v.to(work))))
     return result
 
 
@@ -750,7 +755,7 @@ def _exact_top(W: Tensor) -> tuple[Tensor, float, WarmUp] | None:
 
 
 def _lanczos_top(
-    W: Tensor, u: Tensor, v: Tensor, tol: float, max_steps: int, *, fresh_start: bool = False,
+    W: Tensor | Map, u: Tensor, v: Tensor, tol: float, max_steps: int, *, fresh_start: bool = False,
     first_check: int = FIRST_CHECK,
 ) -> tuple[Tensor, float, WarmUp] | None:
     """(top right singular vector estimate, its Ritz value, WarmUp) by Golub–Kahan–Lanczos,
@@ -770,18 +775,64 @@ def _lanczos_top(
         return None
     new_v = found.right
     if transposed:  # that was W's left one: map it to the right
-        new_v = torch.mv(A, new_v)
+        new_v = mv(A, new_v)
     return new_v, found.ritz, WarmUp(found.steps, found.error)
 
 
 class Map(NamedTuple):
-    """A linear map given by its products, for :func:`_golub_kahan`: ``mv(x) = A x``,
-    ``rmv(y) = Aᴴ y``, ``shape = (rows, columns)``, ``dtype`` of its vectors."""
+    """A linear map that is not a matrix: ``op.apply(weight, x)`` and ``op.adjoint(weight, y)``
+    on flat vectors (a convolution at one input shape, :class:`safe_norm._operator.ConvMap`),
+    with ``weight``.  It stands in for the matrix ``W`` in the power step, sigma and the
+    warm-up: it has what they use of a matrix (products, ``mH``, ``shape``, ``dtype``,
+    ``to``, ``detach``, division by a scale)."""
 
-    mv: Callable[[Tensor], Tensor]
-    rmv: Callable[[Tensor], Tensor]
-    shape: tuple[int, int]
-    dtype: torch.dtype
+    op: Any
+    weight: Tensor
+    adjoint_first: bool = False  # this is Aᴴ
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self.op.adjoint(self.weight, x) if self.adjoint_first else self.op.apply(self.weight, x)
+
+    def rmv(self, y: Tensor) -> Tensor:
+        return self.op.apply(self.weight, y) if self.adjoint_first else self.op.adjoint(self.weight, y)
+
+    @property
+    def mH(self) -> Map:  # noqa: N802 - as Tensor.mH
+        return self._replace(adjoint_first=not self.adjoint_first)
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        rows, columns = self.op.shape
+        return (columns, rows) if self.adjoint_first else (rows, columns)
+
+    def size(self, i: int) -> int:
+        return self.shape[i]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def is_meta(self) -> bool:
+        return self.weight.is_meta
+
+    def to(self, dtype: torch.dtype) -> Map:
+        return self._replace(weight=self.weight.to(dtype))
+
+    def detach(self) -> Map:
+        return self._replace(weight=self.weight.detach())
+
+    def __truediv__(self, scale: float) -> Map:  # type: ignore[override]
+        return self._replace(weight=self.weight / scale)
+
+
+def mv(A: Tensor | Map, x: Tensor) -> Tensor:
+    """``A x`` for a matrix or a :class:`Map`."""
+    return A.mv(x) if isinstance(A, Map) else torch.mv(A, x)
 
 
 class _Ritz(NamedTuple):

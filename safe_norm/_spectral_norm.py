@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import weakref
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,8 @@ from torch.nn.utils.spectral_norm import (
 from . import _core, _power
 from ._errors import check_coeff, check_options, check_warmup_tol, check_weight
 from ._lazy import Pending, pending_hooks, pending_on
+from ._operator import ConvMap, conv_map, operator_vectors
+from ._operator import check_options as check_operator_options
 
 __all__ = [
     "SpectralNorm",
@@ -51,6 +53,9 @@ class SpectralNorm(_UpstreamSpectralNorm):
     _module: weakref.ref[nn.Module] | None = None
     # Soft normalisation (spectral_norm's ``coeff``); None: upstream's W / sigma.
     coeff: float | None = None
+    # The layer as a map on inputs of one shape (spectral_norm's ``input_shape``); None: the
+    # reshaped weight, as upstream.
+    op: ConvMap | None = None
 
     def view(self, module: nn.Module) -> _core.View:
         return _core.View(
@@ -62,6 +67,7 @@ class SpectralNorm(_UpstreamSpectralNorm):
             self.n_power_iterations,
             u_first=False,
             coeff=self.coeff,
+            op=self.op,
         )
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
@@ -112,14 +118,22 @@ class SpectralNorm(_UpstreamSpectralNorm):
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
         track_tol: float | None = None,
         coeff: float | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> SpectralNorm:
         check_weight(module, name, dim, n_power_iterations)
+        op = None if input_shape is None else conv_map(module, input_shape, who="spectral_norm")
         # Upstream's registration verbatim: its checks and exception types, parameter and buffer
         # names, state-dict hooks, and its random draws of u and v in its order (so a seeded
         # script builds the same model).  It hard-codes its own class, so re-class the hook.
         ours = take_over(module, _UpstreamSpectralNorm.apply(module, name, n_power_iterations, dim, eps))
         if coeff is not None:  # only then an attribute of the hook: the default's is upstream's
             ours.coeff = coeff
+        if op is not None:
+            ours.op = op
+            weight = getattr(module, name + "_orig")
+            u, v = operator_vectors(weight, op, eps)
+            module.register_buffer(name + "_u", u)
+            module.register_buffer(name + "_v", v)
         ours.start(module, warmup_tol, label=f"{type(module).__name__}.{name}", track=track_tol)
         return ours
 
@@ -171,6 +185,7 @@ def spectral_norm(
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
     track_tol: float | None = None,
     coeff: float | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> T_module:
     r"""Apply spectral normalisation to a parameter of ``module``; a drop-in for
     :func:`torch.nn.utils.spectral_norm`.
@@ -205,6 +220,14 @@ def spectral_norm(
             already within it is used as it is (the ``spectral_norm_fc(module, coeff)`` of
             invertible ResNets).  ``None`` (default): ``W / sigma``.  Not saved in the
             ``state_dict``: pass it again when rebuilding the model.
+        input_shape: opt-in, for a ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d`` weight: the
+            shape of one input sample, ``(channels, *spatial)`` (or the spatial sizes alone).
+            Sigma is then the layer's norm as the linear map it is on such inputs (stride,
+            zero or circular padding, dilation, groups, output padding: its Lipschitz
+            constant), not that of the reshaped weight, by power iteration through the
+            convolution and its transpose; ``u`` and ``v`` are flat output- and input-sized
+            vectors (so a checkpoint built without the option, or with another shape, does not
+            load into it: the sizes differ).  ``dim`` is then left out.
 
     Returns:
         The original module, with the spectral-norm hook.
@@ -227,6 +250,7 @@ def spectral_norm(
     check_warmup_tol(track_tol, "track_tol")
     check_coeff(coeff)
     check_options(module, name, n_power_iterations, eps)
+    check_operator_options(module, name, dim, input_shape)
     if dim is None:
         dim = _power.default_dim(module)
     if isinstance(module._parameters.get(name), nn.parameter.UninitializedParameter):
@@ -234,11 +258,12 @@ def spectral_norm(
         if pending_on(module, "hook", name):
             raise RuntimeError(f"Cannot register two spectral_norm hooks on the same parameter {name}")
         register = partial(SpectralNorm.apply, name=name, n_power_iterations=n_power_iterations,
-                           dim=dim, eps=eps, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff)
+                           dim=dim, eps=eps, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff,
+                           input_shape=input_shape)
         keys = partial(_checkpoint_keys, name=name)
         Pending("hook", name, register, keys, partial(_restore, name=name)).install(module)
         return module
-    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol, track_tol, coeff)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps, warmup_tol, track_tol, coeff, input_shape)
     return module
 
 

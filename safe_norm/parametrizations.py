@@ -12,7 +12,7 @@ safe_norm.parametrizations import spectral_norm, weight_norm`` works as the upst
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from ._errors import (
     check_warmup_tol,
 )
 from ._lazy import Pending
+from ._operator import ConvMap, conv_map, operator_vectors
+from ._operator import check_options as check_operator_options
 from ._spectral_norm import DEFAULT_WARMUP_TOL
 
 # spectral_norm, then upstream's others (orthogonal, weight_norm): as `from
@@ -61,6 +63,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         warmup_tol: float | None = DEFAULT_WARMUP_TOL,
         track_tol: float | None = None,
         coeff: float | None = None,
+        op: ConvMap | None = None,
     ) -> None:
         # Not upstream's __init__: its 15 fixed iterations are what the warm-up replaces.
         # Its checks, messages and random draws are reproduced exactly.
@@ -81,27 +84,37 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         self.warmup_tol = warmup_tol
         if coeff is not None:  # only then an attribute: the default module is upstream's
             self.coeff = coeff
+        if op is not None:
+            self.op = op
         self._state: _core.State | None = None  # a vector is normalised exactly: no u, v
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
             weight_mat = self._reshape_weight_to_matrix(weight)
-            h, w = weight_mat.size()
-            u = weight_mat.new_empty(h).normal_(0, 1)
-            v = weight_mat.new_empty(w).normal_(0, 1)
-            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
-            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            if op is None:
+                h, w = weight_mat.size()
+                u = weight_mat.new_empty(h).normal_(0, 1)
+                v = weight_mat.new_empty(w).normal_(0, 1)
+                self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+                self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            else:
+                u, v = operator_vectors(weight, op, eps)
+                self.register_buffer("_u", u)
+                self.register_buffer("_v", v)
             if warmup_tol is None:
-                self._power_method(weight_mat, _UPSTREAM_WARMUP_ITERATIONS)
+                self._power_method(weight_mat if op is None else weight, _UPSTREAM_WARMUP_ITERATIONS)
             # else the warm-up runs in the forward that register_parametrization makes
             self._state = _core.State(warmup_tol, track=track_tol)
         _compat.register_load_pre_hook(self, _adopt_on_load)
 
     # Soft normalisation (spectral_norm's ``coeff``); None: upstream's W / sigma.
     coeff: float | None = None
+    # The layer as a map on inputs of one shape (spectral_norm's ``input_shape``); None: the
+    # reshaped weight, as upstream.
+    op: ConvMap | None = None
 
     def view(self, weight: Tensor) -> _core.View:
         return _core.View(weight, self._u, self._v, self.dim, self.eps, self.n_power_iterations, u_first=True,
-                          coeff=self.coeff)
+                          coeff=self.coeff, op=self.op)
 
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:  # exact: no u, v (as upstream)
@@ -119,7 +132,10 @@ class _SpectralNorm(_UpstreamSpectralNorm):
 
     @torch.no_grad()
     def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
-        _power.power_iteration_(weight_mat, self._u, self._v, n_power_iterations, self.eps, u_first=True)
+        """Upstream's power iterations (with ``input_shape``: ``weight_mat`` is the weight, and
+        they run through the operator)."""
+        A = weight_mat if self.op is None else _power.Map(self.op, weight_mat)
+        _power.power_iteration_(A, self._u, self._v, n_power_iterations, self.eps, u_first=True)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Identity, as upstream; and ``u``, ``v`` are re-converged for ``value``.
@@ -183,6 +199,7 @@ def spectral_norm(
     warmup_tol: float | None = DEFAULT_WARMUP_TOL,
     track_tol: float | None = None,
     coeff: float | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     r"""Apply spectral normalisation to a tensor of ``module`` through a parametrization; a
     drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`.
@@ -215,6 +232,9 @@ def spectral_norm(
             already within it is used as it is (the ``spectral_norm_fc(module, coeff)`` of
             invertible ResNets).  ``None`` (default): ``W / sigma``.  Not saved in the
             ``state_dict``: pass it again when rebuilding the model.
+        input_shape: opt-in, for a convolution's weight: sigma is the layer's norm as a map
+            on inputs of this shape, as in :func:`safe_norm.spectral_norm`; ``_u`` and ``_v``
+            are then output- and input-sized.
 
     Returns:
         The original module with a new parametrization registered to ``name``.
@@ -238,6 +258,7 @@ def spectral_norm(
     check_warmup_tol(track_tol, "track_tol")
     check_coeff(coeff)
     check_options(module, name, n_power_iterations, eps)
+    check_operator_options(module, name, dim, input_shape)
     if dim is None:
         dim = _power.default_dim(module)
     if is_lazy(weight):
@@ -247,15 +268,17 @@ def spectral_norm(
                 f"got n_power_iterations={n_power_iterations}"
             )
         register = partial(_register, name=name, n_power_iterations=n_power_iterations, eps=eps,
-                           dim=dim, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff)
+                           dim=dim, warmup_tol=warmup_tol, track_tol=track_tol, coeff=coeff,
+                           input_shape=input_shape)
         keys = partial(_checkpoint_keys, name=name)
         Pending("parametrization", name, register, keys, partial(_restore, name=name)).install(module)
         return module
     check_dtype(module, name, weight)
     check_not_empty(module, name, weight)
     check_finite(module, name, weight)
+    op = None if input_shape is None else conv_map(module, input_shape, weight, who="spectral_norm")
     sn = _SpectralNorm(weight, n_power_iterations, dim, eps, warmup_tol=warmup_tol, track_tol=track_tol,
-                       coeff=coeff)
+                       coeff=coeff, op=op)
     if sn._state is not None:
         sn._state.label = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, sn)
