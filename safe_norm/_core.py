@@ -300,33 +300,26 @@ def _tracked(state: State, view: View) -> Tensor:
     """A training forward with ``track_tol``: sigma within it of the weight's, by block
     Krylov from the current vectors (:func:`safe_norm._power.track_`).  Where that cannot vouch
     for its result (a large jump of the weight, a degenerate top of the spectrum), the
-    warm-up's solve from the vectors it found; a warning each time that misses too.
-
-    An operator norm (``input_shape``) is tracked by that solve at every step: block Krylov
-    keeps no basis for it, and the solve's second run from a fixed draw catches a direction
-    that overtook the old top one."""
+    warm-up's solve from the vectors it found; a warning each time that misses too."""
     tol = state.track
     assert tol is not None
-    W = view.matrix()
-    if view.op is None:
-        device = view.u.device  # DataParallel replicas share this state: one basis per device
-        found = _power.track_(W, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
-        if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
-            return _normalised(view, True)
-        state.blocks = found.next_check
-        if found.basis is not None:
-            state.basis[device] = found.basis
-        if found.met:
-            return _normalise(view, found.sigma)
-    with torch.no_grad():
-        A = view.linear(W.detach())
-        solved = _power.warm_up_(A, view.u, view.v, tol=tol, u_first=view.u_first, reconverge=True)
-        if not math.isfinite(solved.error_estimate) and solved.steps == 0 and view.op is not None:
-            return _normalised(view, True)  # a zero or non-finite weight, as above
-        sigma = _power.sigma(A, view.u, view.v)
-    if solved.error_estimate > tol:
-        warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'}: sigma estimated "
-                      f"within {solved.error_estimate:.1e} only (asked: {tol:.0e})", stacklevel=4)
+    device = view.u.device  # DataParallel replicas share this state: one basis per device
+    A = view.linear()
+    found = _power.track_(A, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
+    if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
+        return _normalised(view, True)
+    state.blocks = found.next_check
+    if found.basis is not None:
+        state.basis[device] = found.basis
+    sigma = found.sigma
+    if not found.met:
+        with torch.no_grad():
+            solved = _power.warm_up_(A.detach(), view.u, view.v, tol=tol,
+                                     u_first=view.u_first, reconverge=True)
+            sigma = _power.sigma(A.detach(), view.u, view.v)
+        if solved.error_estimate > tol:
+            warnings.warn(f"spectral_norm tracking of {state.label or 'a weight'}: sigma estimated "
+                          f"within {solved.error_estimate:.1e} only (asked: {tol:.0e})", stacklevel=4)
     return _normalise(view, sigma)
 
 

@@ -139,23 +139,24 @@ class ConvMap(NamedTuple):
         """(outputs, inputs): the map's matrix shape."""
         return math.prod(self.out_shape), math.prod(self.in_shape)
 
-    def apply(self, weight: Tensor, x: Tensor) -> Tensor:
-        """``A x`` for a flat input ``x``, flat."""
-        x = x.reshape(1, *self.in_shape)
+    def apply(self, weight: Tensor, flat: Tensor) -> Tensor:
+        """``A x`` for a flat input ``x``, flat (each row of a batch of them)."""
+        x = flat.reshape(-1, *self.in_shape)
         if self.transposed:
             padding = tuple(p for p, _ in self.pads)
             y = _FUNCTIONAL_T[self.d](x, weight, None, self.stride, padding, self.output_padding, self.groups,
                                       self.dilation)
         else:
-            flat = [p for pair in reversed(self.pads) for p in pair]  # F.pad: last dimension first
-            padded = F.pad(x, flat, mode="circular") if self.circular else F.pad(x, flat)
+            pad = [p for pair in reversed(self.pads) for p in pair]  # F.pad: last dimension first
+            padded = F.pad(x, pad, mode="circular") if self.circular else F.pad(x, pad)
             y = _FUNCTIONAL[self.d](padded, weight, None, self.stride, 0, self.dilation, self.groups)
-        return y.reshape(-1)
+        return y.reshape(*flat.shape[:-1], -1)
 
-    def adjoint(self, weight: Tensor, y: Tensor) -> Tensor:
-        """``Aᴴ y`` for a flat output ``y``, flat: the transposed operation, written out (no
-        autograd, so it runs where the forward runs: compiled, under ``torch.func``)."""
-        y = y.reshape(1, *self.out_shape)
+    def adjoint(self, weight: Tensor, flat: Tensor) -> Tensor:
+        """``Aᴴ y`` for a flat output ``y``, flat (each row of a batch of them): the transposed
+        operation, written out (no autograd, so it runs where the forward runs: compiled,
+        under ``torch.func``)."""
+        y = flat.reshape(-1, *self.out_shape)
         if self.transposed:  # a transposed convolution's adjoint is the convolution
             padding = tuple(p for p, _ in self.pads)
             x = _FUNCTIONAL[self.d](y, weight, None, self.stride, padding, self.dilation, self.groups)
@@ -163,7 +164,7 @@ class ConvMap(NamedTuple):
             # (the transposed one reads zeros there)
             for axis, n in enumerate(self.in_shape[1:], start=2):
                 x = x.narrow(axis, 0, n)
-            return x.reshape(-1)
+            return x.reshape(*flat.shape[:-1], -1)
         kernel = weight.shape[2:]
         padded = [n + left + right for n, (left, right) in zip(self.in_shape[1:], self.pads)]
         # the rows the strided windows do not reach get output padding (zeros' adjoint)
@@ -178,7 +179,7 @@ class ConvMap(NamedTuple):
                 if right:
                     core.narrow(axis, 0, right).add_(z.narrow(axis, left + n, right))
             z = core
-        return z.reshape(-1)
+        return z.reshape(*flat.shape[:-1], -1)
 
 
 def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None = None,
@@ -232,7 +233,7 @@ def check_options(module: nn.Module, name: str, dim: int | None, input_shape: Se
     d, transposed = _kind(module, "spectral_norm")
     if name != "weight":
         raise ValueError(f"spectral_norm: input_shape normalises a convolution's weight, not {name!r}")
-    if dim is not None:
+    if dim is not None and dim != _power.default_dim(module):
         raise ValueError("spectral_norm: dim picks the rows of the reshaped weight; with input_shape the norm is "
                          "the layer's as a map on its inputs: leave dim out")
     if not transposed and cast(Any, module).padding_mode not in ("zeros", "circular"):

@@ -363,10 +363,13 @@ def _eigh_descending(G: Tensor) -> tuple[Tensor, Tensor] | None:
     return values.flip(0), vectors.flip(1)
 
 
-def _times(A: Tensor, X: Tensor) -> Tensor:
+def _times(A: Tensor | Map, X: Tensor) -> Tensor:
     """``A @ X`` for a few columns ``X``, ``A`` contiguous or a transposed view of a contiguous
     matrix: a product that runs along the contiguous rows (on one CPU thread, ``Wᴴ X`` as
-    ``(Xᴴ W)ᴴ`` took 0.16 ms instead of 0.41 for a 1024x1024 ``W`` and 4 columns)."""
+    ``(Xᴴ W)ᴴ`` took 0.16 ms instead of 0.41 for a 1024x1024 ``W`` and 4 columns); a
+    :class:`Map` takes the columns as one batch."""
+    if isinstance(A, Map):
+        return A.mv(X.mT).mT
     return A @ X if A.is_contiguous() else (X.mH @ A.mH).mH
 
 
@@ -456,7 +459,7 @@ def _take(right: Tensor, left: Tensor, u: Tensor, v: Tensor, transposed: bool) -
 
 @torch.no_grad()
 def track_(
-    W: Tensor, u: Tensor, v: Tensor, tol: float, *, blocks: int, basis: Tensor | None
+    W: Tensor | Map, u: Tensor, v: Tensor, tol: float, *, blocks: int, basis: Tensor | None
 ) -> Tracked | None:
     """A training step that keeps sigma within ``tol`` of ``σ₁(W)``: block Krylov from the
     current vectors, with Rayleigh-Ritz; ``u``, ``v`` written in place with the top Ritz pair
@@ -485,7 +488,8 @@ def track_(
             return track_(W, u, v, tol, blocks=blocks, basis=basis)
     work = torch.promote_types(W.dtype, torch.float32)
     transposed = W.size(1) > W.size(0)
-    A = W.detach().to(work).contiguous()
+    A = W.detach().to(work)
+    A = A if isinstance(A, Map) else A.contiguous()
     if transposed:
         A = A.mH
     n = A.size(1)
@@ -493,6 +497,7 @@ def track_(
         # exact: the top eigenvector of the small Gram matrix (a few kept vectors would span a
         # good part of this space anyway, and a direction outside them can overtake)
         wide = A.to(torch.promote_types(work, torch.float64))
+        wide = wide.dense() if isinstance(wide, Map) else wide
         pairs = _eigh_descending(_host(wide.mH @ wide))
         if pairs is None or not pairs[0][0] > 0:
             return None
@@ -504,7 +509,8 @@ def track_(
     start = (u if transposed else v).to(work).reshape(n, 1)
     if basis is None or basis.shape != (n, TRACK_BLOCK) or basis.device != A.device:
         generator = torch.Generator(A.device).manual_seed(START_SEED)
-        basis = torch.randn(n, TRACK_BLOCK, generator=generator, device=A.device, dtype=A.real.dtype)
+        basis = torch.randn(n, TRACK_BLOCK, generator=generator, device=A.device,
+                            dtype=A.dtype if isinstance(A, Map) else A.real.dtype)
         blocks = max(blocks, FRESH_BLOCKS)
     blocks = min(max(blocks, MIN_CHECK), cap)
     S, AS, MS = _krylov(A, start, basis, blocks)
@@ -652,22 +658,29 @@ def warm_up_(
     Ws = W.detach().to(work)
     if not SAFE_SCALE[0] <= scale <= SAFE_SCALE[1]:
         Ws = Ws / scale
-    small = not isinstance(W, Map) and min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side)
+    small = min(W.shape) <= (EXACT_SIDE if exact_side is None else exact_side)
     found = None
-    if warm_steps:
+    if warm_steps and not isinstance(Ws, Map):  # a map's near pairs need the block solve
         tried = _lanczos_top(Ws, u.to(work), v.to(work), tol, warm_steps, first_check=FIRST_WARM_CHECK)
         if tried is not None and tried[2].error_estimate <= tol * SAFETY:
             found = tried
     if found is None and small:
-        found = _exact_top(Ws)
-    elif found is None:
+        found = _exact_top(Ws.dense() if isinstance(Ws, Map) else Ws)
+    elif found is None and isinstance(Ws, Map):
+        found = _block_top(Ws, u.to(work), v.to(work), tol)
+    if found is None and not small:
         found = _lanczos_top(Ws, u.to(work), v.to(work), tol, max_steps)
-        if reconverge:
+        if reconverge or isinstance(Ws, Map):
             # After a larger change the previous top vector can sit near a lower singular
             # vector of the new weight, where Lanczos from it settles with a small residual (a
             # level crossing: seen 3.6e-3 low on a 512x512 layer); a second run from a fixed
             # random start (which alone missed once in ~80 such re-convergences, 6.8e-3 low)
             # rarely misses the same way, and the larger Ritz value is the better one.
+            # Convolutions as maps always take both: their top singular values come in near
+            # pairs (a real kernel's frequencies k and -k; exact pairs under circular padding),
+            # and from a start with little of the top vector Lanczos settled on the second
+            # with a tight bound (2 of 312 random 560-1152-wide maps, 2.0e-4 and 2.5e-4 low
+            # for gaps of 2.0e-4 and 2.5e-4; both found by the second run).
             other = _lanczos_top(Ws, u.to(work), v.to(work), tol, max_steps, fresh_start=True)
             if found is None or (other is not None and other[1] > found[1]):
                 found = other
@@ -691,6 +704,21 @@ def warm_up_(
     v.copy_(_unit(new_v))
     u.copy_(_unit(mv(Ws, v.to(work))))
     return result
+
+
+def _block_top(A: Map, u: Tensor, v: Tensor, tol: float) -> tuple[Tensor, float, WarmUp] | None:
+    """(top right singular vector, sigma, WarmUp) of a map by :func:`track_`'s block Krylov
+    with Rayleigh-Ritz, from ``v`` (or ``u``) and fixed-seed draws; ``None`` where its bound is
+    not met at its cap.  A convolution's top singular values come in near pairs (a real
+    kernel's frequencies k and -k), which single-vector Lanczos does not resolve: from a start
+    with little of the top vector it settled on the second with a tight bound (4 of 624 random
+    180-1152-wide maps, 1.4e-4 to 2.5e-4 low for gaps of 1.4e-4 to 2.5e-4, two of them from
+    both of two starts); a block of four holds the pair and Rayleigh-Ritz orders it."""
+    u, v = u.clone(), v.clone()
+    found = track_(A, u, v, tol, blocks=FRESH_BLOCKS, basis=None)
+    if found is None or not found.met:
+        return None
+    return v, found.sigma.item(), WarmUp(found.blocks * TRACK_BLOCK, found.error)  # v: the right vector
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -828,6 +856,16 @@ class Map(NamedTuple):
 
     def __truediv__(self, scale: float) -> Map:  # type: ignore[override]
         return self._replace(weight=self.weight / scale)
+
+    def dense(self) -> Tensor:
+        """The matrix, from the products with the basis of its shorter side (one batched
+        product): for the exact solve of a small map."""
+        rows, columns = self.op.shape
+        if columns <= rows:
+            M = self.op.apply(self.weight, torch.eye(columns, dtype=self.dtype, device=self.device)).mT
+        else:  # the rows of A are the adjoint's images of the output basis
+            M = self.op.adjoint(self.weight, torch.eye(rows, dtype=self.dtype, device=self.device))
+        return M.mH if self.adjoint_first else M
 
 
 def mv(A: Tensor | Map, x: Tensor) -> Tensor:
