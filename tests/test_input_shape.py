@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import safe_norm
-from safe_norm import remove_spectral_norm
+from safe_norm import _power, remove_spectral_norm
 from safe_norm._operator import conv_map
 
 from .helpers import APIS, sn_state
@@ -269,3 +269,57 @@ def test_compiles_without_graph_breaks(api):
     compiled = torch.compile(net.train())
     assert torch.allclose(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
     assert torch.allclose(sn_state(net[0])[1], sn_state(eager[0])[1], atol=1e-6)
+
+
+def _wide_maps(count: int, seed: int):
+    """Random 1-D and 2-D convolutions (some transposed, zero or circular padding) whose maps
+    are 129-1600 wide on both sides, with random unit start vectors, in a fixed sequence."""
+    rng = random.Random(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for _ in range(count):
+            d, groups = rng.choice([1, 2, 2]), rng.choice([1, 1, 2])
+            c_in, c_out = groups * rng.randint(2, 8), groups * rng.randint(2, 8)
+            k, s, p = rng.choice([1, 3, 3, 4, 5]), rng.choice([1, 1, 2]), 0
+            p = rng.randint(0, k // 2)
+            sizes = [rng.randint(20, 60)] if d == 1 else [rng.randint(6, 12) for _ in range(2)]
+            if rng.random() < 0.3:
+                layer = TRANSPOSED_[d](c_in, c_out, k, s, min(p, (k - 1) // 2), groups=groups)
+            else:
+                layer = CONV_[d](c_in, c_out, k, s, p, groups=groups, padding_mode=rng.choice(["zeros", "circular"]))
+            shape = (c_in, *sizes)
+            try:
+                op = conv_map(layer, shape)
+            except ValueError:
+                continue
+            if min(op.shape) <= 128 or max(op.shape) > 1600:
+                continue
+            starts = []
+            for _ in range(3):
+                u, v = torch.randn(op.shape[0]), torch.randn(op.shape[1])
+                starts.append((u / u.norm(), v / v.norm()))
+            yield layer, shape, op, starts
+
+
+CONV_ = {1: nn.Conv1d, 2: nn.Conv2d}
+TRANSPOSED_ = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
+
+
+@pytest.mark.slow
+def test_near_pairs_of_top_singular_values_are_resolved():
+    """A convolution's top singular values come in near pairs (frequencies k and -k of a real
+    kernel).  Single-vector Lanczos from a start holding little of the top vector settled on
+    the second one of a pair with a tight bound: in this sequence of 104 maps x 3 starts, 2
+    came out 1.4e-4 and 1.8e-4 low (gaps of the same size) from both the start and a second
+    run from a fixed draw (another such sequence: 2 from one start, 2.0e-4 and 2.5e-4).  The
+    warm-up's block Krylov resolves them (worst 1.1e-5 over both sequences)."""
+    worst, runs = 0.0, 0
+    for layer, shape, op, starts in _wide_maps(150, seed=1):
+        W = layer.weight.detach()
+        exact = torch.linalg.matrix_norm(_power.Map(op, W.double()).dense(), 2).item()
+        for u, v in starts:
+            result = _power.warm_up_(_power.Map(op, W), u, v, tol=1e-4)
+            worst = max(worst, abs(torch.dot(u.double(), op.apply(W.double(), v.double())).item() / exact - 1))
+            assert result.error_estimate <= 1e-4
+            runs += 1
+    assert runs > 300 and worst <= 1e-4, (runs, worst)
