@@ -592,10 +592,12 @@ def _cluster_bound(theta: list[float], r2: list[float]) -> float:
 
 
 class WarmUp(NamedTuple):
-    """What a warm-up did: Lanczos ``steps`` and the estimated relative error of sigma."""
+    """What a warm-up did: Lanczos ``steps`` (products with ``W``) and the estimated relative
+    error of sigma; from a block solve, its Ritz vectors (a tracked step's start)."""
 
     steps: int
     error_estimate: float
+    basis: Tensor | None = None
 
 
 @torch.no_grad()
@@ -666,8 +668,11 @@ def warm_up_(
             found = tried
     if found is None and small:
         found = _exact_top(Ws.dense() if isinstance(Ws, Map) else Ws)
-    elif found is None and isinstance(Ws, Map):
-        found = _block_top(Ws, u.to(work), v.to(work), tol)
+    block = None
+    if found is None and not small and isinstance(Ws, Map):
+        block = _block_top(Ws, u.to(work), v.to(work), tol)
+        if block is not None and block[2].error_estimate <= tol:
+            found = block
     if found is None and not small:
         found = _lanczos_top(Ws, u.to(work), v.to(work), tol, max_steps)
         if reconverge or isinstance(Ws, Map):
@@ -684,6 +689,10 @@ def warm_up_(
             other = _lanczos_top(Ws, u.to(work), v.to(work), tol, max_steps, fresh_start=True)
             if found is None or (other is not None and other[1] > found[1]):
                 found = other
+        if block is not None and (found is None or block[1] > found[1] * (1 + tol * SAFETY)):
+            # the block solve's value, unvouched (its error inf: a warning), beats Lanczos' by
+            # more than rounding: Lanczos settled below the top
+            found = block
     if found is None:
         return WarmUp(0, math.inf)
     new_v, top_sigma, result = found
@@ -708,17 +717,19 @@ def warm_up_(
 
 def _block_top(A: Map, u: Tensor, v: Tensor, tol: float) -> tuple[Tensor, float, WarmUp] | None:
     """(top right singular vector, sigma, WarmUp) of a map by :func:`track_`'s block Krylov
-    with Rayleigh-Ritz, from ``v`` (or ``u``) and fixed-seed draws; ``None`` where its bound is
-    not met at its cap.  A convolution's top singular values come in near pairs (a real
+    with Rayleigh-Ritz, from ``v`` (or ``u``) and fixed-seed draws; the error is ``inf`` where
+    its bound is not met at its cap (``None``: a zero or non-finite map).  A convolution's top singular values come in near pairs (a real
     kernel's frequencies k and -k), which single-vector Lanczos does not resolve: from a start
     with little of the top vector it settled on the second with a tight bound (4 of 624 random
     180-1152-wide maps, 1.4e-4 to 2.5e-4 low for gaps of 1.4e-4 to 2.5e-4, two of them from
     both of two starts); a block of four holds the pair and Rayleigh-Ritz orders it."""
     u, v = u.clone(), v.clone()
     found = track_(A, u, v, tol, blocks=FRESH_BLOCKS, basis=None)
-    if found is None or not found.met:
+    if found is None:
         return None
-    return v, found.sigma.item(), WarmUp(found.blocks * TRACK_BLOCK, found.error)  # v: the right vector
+    # v: the right vector; the error is inf where the bound was not met at the cap
+    error = found.error if found.met else math.inf
+    return v, found.sigma.item(), WarmUp(found.blocks * TRACK_BLOCK, error, found.basis)
 
 
 def _unit(x: Tensor) -> Tensor:
