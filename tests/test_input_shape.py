@@ -323,3 +323,25 @@ def test_near_pairs_of_top_singular_values_are_resolved():
             assert result.error_estimate <= 1e-4
             runs += 1
     assert runs > 300 and worst <= 1e-4, (runs, worst)
+
+
+def test_a_copied_spectral_norm_conv_checkpoint_loads():
+    """The ``spectral_norm_conv`` copies (i-ResNet, DUE) save ``weight_orig``, flat
+    ``weight_u`` (output-sized) and ``weight_v`` (input-sized) in the same order as ours, and a
+    ``weight_sigma`` log: such a checkpoint loads with ``strict=False`` and the eval forward
+    divides by its ``uᵀ A v`` (measured with DUE's own module: outputs equal bit for bit)."""
+    torch.manual_seed(8)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    op = conv_map(conv, (3, 8, 8))
+    W = conv.weight.detach()
+    u = nn.functional.normalize(torch.randn(op.shape[0]), dim=0)
+    v = nn.functional.normalize(torch.randn(op.shape[1]), dim=0)
+    copied = {"weight_orig": W, "weight_u": u, "weight_v": v, "weight_sigma": torch.ones(1), "bias": conv.bias.detach()}
+    m = safe_norm.spectral_norm(nn.Conv2d(3, 8, 3, stride=2, padding=1), coeff=0.5, input_shape=(3, 8, 8)).eval()
+    result = m.load_state_dict(copied, strict=False)
+    assert result.unexpected_keys == ["weight_sigma"] and not result.missing_keys
+    x = torch.randn(2, 3, 8, 8)
+    sigma = torch.dot(u, op.apply(W, v))
+    with torch.no_grad():
+        assert torch.allclose(m(x), nn.functional.conv2d(x, W / torch.clamp(sigma / 0.5, min=1), conv.bias, 2, 1),
+                              atol=1e-6)
