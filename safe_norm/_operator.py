@@ -192,6 +192,8 @@ def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None
     if not transposed and conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(f"{who}: padding_mode={conv.padding_mode!r} is not supported (zeros and circular are)")
     W = conv.weight if weight is None else weight
+    if W.is_complex():
+        raise TypeError(f"{who}: complex weights are not supported with input_shape")
     shape = _shape(conv, d, transposed, input_shape, W, who)
     kernel = tuple(W.shape[2:])
     stride, dilation = tuple(conv.stride), tuple(conv.dilation)
