@@ -253,7 +253,8 @@ def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmU
     Wr = state.content(W) if Wr is None else Wr
     result = _warm_up(state, view, view.u, view.v, Wr)
     state.ref = _key(Wr, view)  # the vectors as the warm-up left them
-    if result.basis is not None:  # a block solve's Ritz vectors: where a tracked step starts
+    if result.basis is not None and state.track is not None:  # a block solve's Ritz vectors:
+        # where the first tracked step starts
         state.basis[view.u.device] = result.basis
     warn_if_short(result, _tol(state), state.label or f"a {tuple(view.weight.shape)} weight")
     return result

@@ -109,7 +109,7 @@ def next_sigma(layer: Layer) -> Tensor:
         return torch.tensor(math.nan, dtype=u.dtype)
     if layer.api == "hook" and layer.library != "safe_norm":
         with torch.no_grad():  # upstream's hook omits the conjugate (MIGRATION H2)
-            return torch.dot(u, torch.mv(_matrix(layer), v))
+            return torch.dot(u, _power.mv(_matrix(layer), v))
     view = _core.View(layer.weight(), u, v, layer.fn.dim, layer.fn.eps, 1, u_first=layer.api != "hook",
                       coeff=getattr(layer.fn, "coeff", None), op=getattr(layer.fn, "op", None))
     return _core.next_sigma(getattr(layer.fn, "_state", None), view).real
@@ -121,7 +121,7 @@ def warms(layer: Layer) -> bool:
     return state is not None and state.tol is not None
 
 
-def cosine(a: Tensor, M: Tensor, b: Tensor) -> float | None:
+def cosine(a: Tensor, M: Tensor | _power.Map, b: Tensor) -> float | None:
     """``|cos|`` between ``a`` and ``M b``; ``None`` when ``M b`` has no direction (zero or
     not finite).  A power step leaves ``u`` along ``W v`` and ``v`` along ``Wᴴ u``."""
     image = _power.mv(M.to(a.dtype), b)
@@ -131,7 +131,7 @@ def cosine(a: Tensor, M: Tensor, b: Tensor) -> float | None:
     return (torch.vdot(a, image).abs() / (norm * torch.linalg.vector_norm(a))).item()
 
 
-def looks_untrained(W: Tensor, u: Tensor, v: Tensor) -> bool:
+def looks_untrained(W: Tensor | _power.Map, u: Tensor, v: Tensor) -> bool:
     """Whether hook-API vectors look like the random draws of registration, not a power step.
 
     After any training forward ``u = normalize(W v)``; a random ``u`` is almost never aligned

@@ -71,7 +71,7 @@ def weight_to_matrix(weight: Tensor, dim: int) -> Tensor:
     return weight.reshape(weight.size(0), -1)
 
 
-def oriented(W: Tensor, u: Tensor, v: Tensor, u_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+def oriented(W: Tensor | Map, u: Tensor, v: Tensor, u_first: bool) -> tuple[Tensor | Map, Tensor, Tensor]:
     """``(W, u, v)``, or ``(Wᴴ, v, u)`` for a power step that updates ``u`` first.
 
     The hook API's step updates ``v`` then ``u`` (invariant ``u = normalize(W v)``), the
@@ -324,14 +324,14 @@ def _host(x: Tensor) -> Tensor:
     return x.cpu()
 
 
-def _back(x: Tensor, like: Tensor) -> Tensor:
+def _back(x: Tensor, like: Tensor | Map) -> Tensor:
     """Host data ``x`` on ``like``'s device, in its dtype.  To a CUDA device through pinned
     memory, not blocking: a copy from pageable memory waits for the device (it would be a
     second synchronisation in every check).  The caching host allocator keeps the pinned
     block until the copy has run."""
     if like.device.type == "cuda":
         return x.to(like.dtype).pin_memory().to(like.device, non_blocking=True)
-    return x.to(like)
+    return x.to(like.device, like.dtype)
 
 
 def _orthonormal(X: Tensor, against: Tensor | None = None) -> Tensor:
@@ -373,7 +373,7 @@ def _times(A: Tensor | Map, X: Tensor) -> Tensor:
     return A @ X if A.is_contiguous() else (X.mH @ A.mH).mH
 
 
-def _krylov(A: Tensor, start: Tensor, basis: Tensor, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+def _krylov(A: Tensor | Map, start: Tensor, basis: Tensor, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
     """``S``, ``A S``, ``AᴴA S`` for ``blocks`` Krylov blocks from ``start`` (one column) and the
     kept vectors ``basis`` but its first (the buffer's vector leads: a load or a DDP broadcast
     may have replaced it)."""
@@ -382,7 +382,7 @@ def _krylov(A: Tensor, start: Tensor, basis: Tensor, blocks: int) -> tuple[Tenso
     return _extend(A, S, AS, _times(A.mH, AS), blocks - 1)
 
 
-def _extend(A: Tensor, S: Tensor, AS: Tensor, MS: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+def _extend(A: Tensor | Map, S: Tensor, AS: Tensor, MS: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
     """``count`` more Krylov blocks: each ``WᴴW`` times the last, orthogonal to all before."""
     for _ in range(count):
         Z = _orthonormal(MS[:, -TRACK_BLOCK:], S)
@@ -478,8 +478,9 @@ def track_(
     After ``blocks`` blocks (at least :data:`MIN_CHECK`) the basis' small matrices go to the
     host (one synchronisation), which computes the error bound of the top Ritz value
     (:func:`_cluster_bound`, to :data:`TRACK_SAFETY` of ``tol``, or of :data:`TRACK_LOOSEST`
-    if ``tol`` is looser) for that basis, one block fewer and half of it.  Met: the top Ritz pair.  Missed: the blocks the bound's rate
-    predicts are added and the check repeats (one more read each), up to the cap (the fewer of
+    if ``tol`` is looser) for that basis, one block fewer and half of it.  Met: the top Ritz
+    pair.  Missed: the blocks the bound's rate predicts are added and the check repeats (one
+    more read each), up to the cap (the fewer of
     :data:`MAX_TRACK_BLOCKS` and what the space holds); missed there, the best pair is written
     and ``met`` is ``False``.  ``None`` when ``W`` is zero or not finite.
     """
@@ -718,8 +719,9 @@ def warm_up_(
 def _block_top(A: Map, u: Tensor, v: Tensor, tol: float) -> tuple[Tensor, float, WarmUp] | None:
     """(top right singular vector, sigma, WarmUp) of a map by :func:`track_`'s block Krylov
     with Rayleigh-Ritz, from ``v`` (or ``u``) and fixed-seed draws; the error is ``inf`` where
-    its bound is not met at its cap (``None``: a zero or non-finite map).  A convolution's top singular values come in near pairs (a real
-    kernel's frequencies k and -k), which single-vector Lanczos does not resolve: from a start
+    its bound is not met at its cap (``None``: a zero or non-finite map).  A convolution's top
+    singular values come in near pairs (a real kernel's frequencies k and -k), which
+    single-vector Lanczos does not resolve: from a start
     with little of the top vector it settled on the second with a tight bound (4 of 624 random
     180-1152-wide maps, 1.4e-4 to 2.5e-4 low for gaps of 1.4e-4 to 2.5e-4, two of them from
     both of two starts); a block of four holds the pair and Rayleigh-Ritz orders it."""
