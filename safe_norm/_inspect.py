@@ -291,7 +291,9 @@ def sigma(module: nn.Module, name: str = "weight") -> Tensor:
     is cheap enough to log every step (neither upstream API exposes it).  Before the first
     training forward a safe_norm layer also compares its weight with the one its ``u``, ``v``
     were converged for (a synchronisation), and if it changed, the next forward re-converges:
-    the value returned is then that one, computed on copies.
+    the value returned is then that one, computed on copies.  A layer built with ``coeff``
+    divides by ``max(1, sigma / coeff)`` of it; one built with ``input_shape`` estimates the
+    operator norm.
 
     Example::
 
