@@ -19,6 +19,11 @@ random target, 64 samples a step.  The stem and head stay plain.
    Target (issue): safe_norm with ``track_tol`` <= 1e-4 at every step, <= 1.5x its step time.
 
 Run:  python benchmarks/lipschitz.py [--steps 30] [--rounds 5] [--k 5] [--channels 32] [--blocks 2]
+
+3. ``--sweep SEEDS [--steps 100] [--tols 1e-3,1e-4]``: instead, the accuracy of ``track_tol``
+   with ``input_shape`` over seeds, both APIs, as is and with every weight multiplied by
+   ``1 + 1e-7 N(0, 1)`` before each step (another machine's rounding), against the dense
+   operator's norm: forwards above the tolerance and the worst error / tolerance.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import safe_norm
+import safe_norm.parametrizations
 from safe_norm._operator import ConvMap, conv_map, measure
 
 SHAPE = (3, 16, 16)
@@ -153,6 +159,68 @@ def cost(schemes: list[str], channels: int, blocks: int, rounds: int, k: int) ->
     return times
 
 
+def _dense_norm(op: ConvMap, W: Tensor) -> float:
+    return torch.linalg.matrix_norm(_power_map(op, W.double()).dense(), 2).item()
+
+
+def _power_map(op: ConvMap, W: Tensor):  # noqa: ANN202 - safe_norm._power.Map
+    from safe_norm._power import Map  # noqa: PLC0415
+
+    return Map(op, W)
+
+
+def sweep_run(api: str, tol: float, seed: int, steps: int, perturb: float) -> list[float]:
+    """``|sigma used / exact - 1|`` at every training forward of a two-conv network tracked with
+    ``input_shape`` (two 3x3 convs 4->8->8 at 8x8, both 256->512 maps or larger, so both take
+    the block-Krylov path), Adam(2e-4, (0, 0.9)), hinge loss on random data; exact: the dense
+    operator's float64 norm.  ``perturb``: weights times ``1 + perturb * N(0, 1)`` before each step."""
+    sn = safe_norm.spectral_norm if api == "hook" else safe_norm.parametrizations.spectral_norm
+    torch.manual_seed(seed)
+    net = nn.Sequential(sn(nn.Conv2d(4, 8, 3, padding=1), input_shape=(4, 8, 8), track_tol=tol), nn.LeakyReLU(0.1),
+                        sn(nn.Conv2d(8, 8, 3, padding=1), input_shape=(8, 8, 8), track_tol=tol), nn.LeakyReLU(0.1),
+                        nn.Flatten(), nn.Linear(8 * 64, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    gen, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000 + seed)
+    layers = [(net[0], (4, 8, 8)), (net[2], (8, 8, 8))]
+
+    def state(m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        if api == "hook":
+            return m.weight_orig.detach(), m.weight_u, m.weight_v
+        p = m.parametrizations.weight
+        return p.original.detach(), p[0]._u, p[0]._v
+
+    found = []
+    for _ in range(steps):
+        if perturb:
+            with torch.no_grad():
+                for m, _ in layers:
+                    W = state(m)[0]
+                    W.mul_(1 + perturb * torch.randn(W.shape, generator=noise))
+        x = torch.cat([torch.randn(16, 4, 8, 8, generator=gen) + 1, torch.randn(16, 4, 8, 8, generator=gen)])
+        weights = [state(m)[0].clone() for m, _ in layers]
+        out = net(x)
+        for (m, shape), W in zip(layers, weights):
+            _, u, v = state(m)
+            op = conv_map(m, shape, W)
+            used = torch.dot(u.double(), op.apply(W.double(), v.double())).item()
+            found.append(abs(used / _dense_norm(op, W) - 1))
+        loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    return found
+
+
+def sweep(seeds: int, steps: int, tols: list[float]) -> None:
+    print(f"input_shape tracking sweep: {seeds} seeds x {steps} steps, two 3x3 convs at 8x8\n")
+    print("| API | track_tol | rounding | forwards | above tol | worst err/tol |")
+    print("|---|---|---|---|---|---|")
+    for api in ("hook", "parametrization"):
+        for tol in tols:
+            for perturb in (0.0, 1e-7):
+                errors = [e for seed in range(seeds) for e in sweep_run(api, tol, seed, steps, perturb)]
+                print(f"| {api} | {tol:g} | {'perturbed' if perturb else 'as is'} | {len(errors)} "
+                      f"| {sum(e > tol for e in errors)} | {max(errors) / tol:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -160,8 +228,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--sweep", type=int, default=0, metavar="SEEDS",
+                        help="instead: the tracking sweep over this many seeds (--steps steps each)")
+    parser.add_argument("--tols", default="1e-3,1e-4")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.sweep:
+        sweep(args.sweep, args.steps, [float(t) for t in args.tols.split(",")])
+        return
     print(f"torch {torch.__version__}, 1 thread; {args.blocks} residual blocks of {args.channels} channels "
           f"at 16x16 ({2 * args.blocks} normalised convs, operator {args.channels * 256}x{args.channels * 256}); "
           f"{args.steps} steps for the errors, {args.rounds} rounds x {args.k} steps for the cost\n")
