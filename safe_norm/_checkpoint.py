@@ -107,6 +107,7 @@ def audit_state_dict(state: Any, *, exact: bool = True) -> Audit:
     """
     found = tensors(state)
     rows = Audit()
+    skipped = []
     for key, weight in found.items():
         hook, param = _HOOK.fullmatch(key), _PARAMETRIZATION.fullmatch(key)
         u: Tensor | None
@@ -130,7 +131,8 @@ def audit_state_dict(state: Any, *, exact: bool = True) -> Audit:
         if u is None or u.ndim != 1 or (v is None and not old):
             continue
         dim = _aligned_dim(weight, u, v)
-        if dim is None:
+        if dim is None:  # vectors of a map, not of the reshaped weight: its geometry is not saved
+            skipped.append(key)
             continue
         W = _power.weight_to_matrix(weight.detach(), dim)
         if old:  # upstream's load hook takes sigma = mean(weight_orig / weight)
@@ -141,4 +143,8 @@ def audit_state_dict(state: Any, *, exact: bool = True) -> Audit:
             used = _power.sigma(W.to(u.dtype), u, v).real
             untrained = looks_untrained(W, u, v) if api == "hook" else None
         rows.append(make_row(path, name, api, None, weight, dim, used, untrained, exact))
+    if skipped:
+        warnings.warn("audit: left out (their u, v do not fit the reshaped weight: layers built with "
+                      "input_shape, or another library's convolution-shaped copies, whose input shape a "
+                      f"checkpoint does not hold): {', '.join(skipped)}", stacklevel=2)
     return rows

@@ -253,8 +253,10 @@ def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmU
     Wr = state.content(W) if Wr is None else Wr
     result = _warm_up(state, view, view.u, view.v, Wr)
     state.ref = _key(Wr, view)  # the vectors as the warm-up left them
-    if result.basis is not None and state.track is not None:  # a block solve's Ritz vectors:
-        # where the first tracked step starts
+    # A block solve's Ritz vectors: where the first tracked step starts.  Not from a square map
+    # warmed up the parametrization API's way round (on its adjoint): they would be left vectors.
+    square = view.op is not None and view.op.shape[0] == view.op.shape[1]
+    if result.basis is not None and state.track is not None and not (view.u_first and square):
         state.basis[view.u.device] = result.basis
     warn_if_short(result, _tol(state), state.label or f"a {tuple(view.weight.shape)} weight")
     return result

@@ -146,5 +146,5 @@ def check_warmup_tol(tol: float | None, name: str = "warmup_tol") -> None:
 def check_coeff(coeff: float | None) -> None:
     if coeff is None:
         return
-    if isinstance(coeff, bool) or not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and coeff > 0):
+    if isinstance(coeff, bool) or not (isinstance(coeff, numbers.Real) and math.isfinite(coeff) and coeff > 0):
         raise ValueError(f"spectral_norm: coeff must be a positive finite number or None, got {coeff!r}")

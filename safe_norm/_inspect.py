@@ -163,7 +163,7 @@ class AuditRow:
     module: str  # path in the model ("" for the model itself)
     name: str
     api: str  # "hook" or "parametrization"
-    library: str | None  # "safe_norm", "upstream", or None when read from a checkpoint
+    library: str | None  # "safe_norm", "upstream", "other" (another library's subclass), or None (a checkpoint)
     shape: tuple[int, ...]
     dim: int
     sigma: float  # what the next eval forward divides by

@@ -120,6 +120,17 @@ def _inert(module: nn.Module, incompatible_keys: Any) -> None:
     """What is left of a completed registration's load post-hook (see Pending.uninstall)."""
 
 
+def copy_loaded_(current: Tensor, loaded: Tensor, key: str) -> None:
+    """A checkpoint's vector into a registration completed at its load, refused with
+    ``load_state_dict``'s error where the sizes differ (``copy_`` would broadcast: a 1-entry
+    vector would load into a 16-entry one)."""
+    if current.shape != loaded.shape:
+        raise RuntimeError(f"Error(s) in loading state_dict: size mismatch for {key}: copying a param with "
+                           f"shape {loaded.shape} from checkpoint, the shape in current model is {current.shape}.")
+    with torch.no_grad():
+        current.copy_(loaded)
+
+
 def pending_hooks(module: nn.Module) -> list[Pending]:
     return [h for h in module._forward_pre_hooks.values() if isinstance(h, Pending)]
 

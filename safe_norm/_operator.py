@@ -6,8 +6,9 @@ weight reshaped to a matrix.  That is not the layer's Lipschitz constant: on a d
 sigma.  :func:`operator_norm` measures the operator norm, with a certificate:
 
 * ``estimate``: ``‖A x‖ / ‖x‖`` for the best input ``x`` that Golub-Kahan-Lanczos (float64, full
-  re-orthogonalisation) finds, applying the layer's own functional op and its exact adjoint (a
-  vector-Jacobian product): a value the layer attains, so never above the true norm (up to
+  re-orthogonalisation) finds, applying the layer's functional op and its adjoint, the
+  transposed operation (:class:`ConvMap`, tested against the layer's own forward and the
+  inner-product identity): a value the layer attains, so never above the true norm (up to
   float64 rounding).
 * ``upper``: never below the true norm.  A convolution with zero padding ``p`` on inputs of
   length ``n`` is a restriction of the circular convolution with the same kernel on ``Z_N``,
@@ -29,6 +30,7 @@ large next to the kernel; on small inputs with zero padding the boundary leaves 
 from __future__ import annotations
 
 import math
+import numbers
 from functools import partial
 from typing import Any, NamedTuple, Sequence, cast
 
@@ -81,7 +83,8 @@ def _effective_weight(layer: nn.Module) -> Tensor:
     from ._inspect import layers, next_sigma  # noqa: PLC0415 - _inspect imports the APIs
 
     for found in layers(layer):
-        if found.module is layer and found.name == "weight":
+        # another library's layer: its own forward set layer.weight (read below)
+        if found.module is layer and found.name == "weight" and found.library != "other":
             with torch.no_grad():
                 divisor = _power.divisor(next_sigma(found), getattr(found.fn, "coeff", None))
                 return (found.weight() / divisor).detach()
@@ -232,7 +235,7 @@ def check_options(module: nn.Module, name: str, dim: int | None, input_shape: Se
     are completed at registration, by :func:`conv_map`)."""
     if input_shape is None:
         return
-    d, transposed = _kind(module, "spectral_norm")
+    d, transposed = _kind(module, "spectral_norm with input_shape")
     if name != "weight":
         raise ValueError(f"spectral_norm: input_shape normalises a convolution's weight, not {name!r}")
     if dim is not None and dim != _power.default_dim(module):
@@ -241,7 +244,7 @@ def check_options(module: nn.Module, name: str, dim: int | None, input_shape: Se
     if not transposed and cast(Any, module).padding_mode not in ("zeros", "circular"):
         raise ValueError(f"spectral_norm: padding_mode={cast(Any, module).padding_mode!r} is not supported "
                          "with input_shape (zeros and circular are)")
-    if isinstance(input_shape, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool)
+    if isinstance(input_shape, (str, bytes)) or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                        for n in input_shape):
         raise TypeError(f"spectral_norm: input_shape is a sequence of ints (channels, *spatial) or the "
                         f"{d} spatial sizes, got {input_shape!r}")

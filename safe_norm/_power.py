@@ -188,12 +188,16 @@ def _usable(sigma: Tensor) -> Tensor:
 
 
 def divisor(sigma: Tensor, coeff: float | None) -> Tensor:
-    """What the weight is divided by: sigma (:func:`_usable`), or ``max(1, sigma / coeff)``."""
-    return _usable(sigma) if coeff is None else torch.clamp(sigma / coeff, min=1)
+    """What the weight is divided by: sigma (:func:`_usable`), or ``max(1, sigma / coeff)``
+    (of sigma's real part for a complex weight, whose converged ``uᴴWv`` is real)."""
+    if coeff is None:
+        return _usable(sigma)
+    return torch.clamp((sigma.real if sigma.is_complex() else sigma) / coeff, min=1)
 
 
 def _slope(sigma: Tensor, coeff: float) -> Tensor:
-    """``∂ divisor / ∂ sigma`` of a soft normalisation, held constant in the backward."""
+    """``∂ divisor / ∂ sigma`` of a soft normalisation, held constant in the backward (real
+    weights: complex ones take the differentiable expression, see :func:`normalise`)."""
     return (sigma / coeff >= 1).to(sigma) / coeff
 
 
@@ -832,10 +836,19 @@ class Map(NamedTuple):
     adjoint_first: bool = False  # this is Aᴴ
 
     def mv(self, x: Tensor) -> Tensor:
-        return self.op.adjoint(self.weight, x) if self.adjoint_first else self.op.apply(self.weight, x)
+        return self._product(x, self.adjoint_first)
 
     def rmv(self, y: Tensor) -> Tensor:
-        return self.op.apply(self.weight, y) if self.adjoint_first else self.op.adjoint(self.weight, y)
+        return self._product(y, not self.adjoint_first)
+
+    def _product(self, x: Tensor, adjoint: bool) -> Tensor:
+        # Outside autocast, as the matrix products: a convolution under it would run in half
+        # precision against float32 vectors (sigma, the power step and the warm-up want both
+        # in the weight's dtype, and vdot refuses mixed ones).
+        if not self.weight.is_meta and _compat.autocast_enabled(self.weight.device.type):
+            with torch.autocast(self.weight.device.type, enabled=False):
+                return self._product(x, adjoint)
+        return self.op.adjoint(self.weight, x) if adjoint else self.op.apply(self.weight, x)
 
     @property
     def mH(self) -> Map:  # noqa: N802 - as Tensor.mH

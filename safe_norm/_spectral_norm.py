@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import (
 
 from . import _core, _power
 from ._errors import check_coeff, check_options, check_warmup_tol, check_weight
-from ._lazy import Pending, pending_hooks, pending_on
+from ._lazy import Pending, copy_loaded_, pending_hooks, pending_on
 from ._operator import ConvMap, conv_map, operator_vectors
 from ._operator import check_options as check_operator_options
 
@@ -212,8 +212,8 @@ def spectral_norm(
             skips the warm-up and gives upstream's state exactly.
         track_tol: opt-in: keep sigma within this relative tolerance of the exact one at
             every training forward (Lanczos from the current vectors, instead of
-            ``n_power_iterations`` power iterations; README "Tracking").  ``None`` (default):
-            upstream's training step.  Not saved in the ``state_dict``: pass it again when
+            ``n_power_iterations`` power iterations; README "Tracking"; a tolerance looser than
+            1e-4 is tracked as 1e-4).  ``None`` (default): upstream's training step.  Not saved in the ``state_dict``: pass it again when
             rebuilding the model.
         coeff: opt-in soft normalisation (Lipschitz networks): the weight is divided by
             ``max(1, sigma / coeff)``, so its spectral norm is at most ``coeff`` and a weight
@@ -272,9 +272,8 @@ def _checkpoint_keys(prefix: str, name: str) -> tuple[str, str, str]:
 
 
 def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
-    with torch.no_grad():
-        getattr(module, name + "_u").copy_(u)
-        getattr(module, name + "_v").copy_(v)
+    copy_loaded_(getattr(module, name + "_u"), u, name + "_u")
+    copy_loaded_(getattr(module, name + "_v"), v, name + "_v")
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, SpectralNorm) and hook.name == name and hook._state is not None:
             hook._state.adopt()

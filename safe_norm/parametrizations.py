@@ -31,7 +31,7 @@ from ._errors import (
     check_options,
     check_warmup_tol,
 )
-from ._lazy import Pending
+from ._lazy import Pending, copy_loaded_
 from ._operator import ConvMap, conv_map, operator_vectors
 from ._operator import check_options as check_operator_options
 from ._spectral_norm import DEFAULT_WARMUP_TOL
@@ -300,9 +300,8 @@ def _checkpoint_keys(prefix: str, name: str) -> tuple[str, str, str]:
 def _restore(module: nn.Module, u: Tensor, v: Tensor, name: str) -> None:
     plist = cast(nn.ModuleDict, module.parametrizations)[name]
     sn = cast(_SpectralNorm, cast(parametrize.ParametrizationList, plist)[0])
-    with torch.no_grad():
-        sn._u.copy_(u)
-        sn._v.copy_(v)
+    copy_loaded_(sn._u, u, f"parametrizations.{name}.0._u")
+    copy_loaded_(sn._v, v, f"parametrizations.{name}.0._v")
     if sn._state is not None:
         sn._state.adopt()
 

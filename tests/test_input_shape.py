@@ -345,3 +345,75 @@ def test_a_copied_spectral_norm_conv_checkpoint_loads():
     with torch.no_grad():
         assert torch.allclose(m(x), nn.functional.conv2d(x, W / torch.clamp(sigma / 0.5, min=1), conv.bias, 2, 1),
                               atol=1e-6)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("training", [False, True])
+def test_autocast(api, training):
+    """Under autocast the map's products run outside it, as the matrix ones do: the vectors
+    and sigma stay in the weight's dtype (vdot refuses mixed ones)."""
+    ours, _ = APIS[api]
+    torch.manual_seed(9)
+    shape = (3, 6, 6)
+    m = ours(nn.Conv2d(3, 4, 3, padding=1), input_shape=shape, coeff=0.5, track_tol=1e-4).train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, *shape))
+    assert out.dtype == torch.bfloat16
+    assert abs(_used_sigma(m, shape) / dense_norm(_with_weight(m, _raw_weight(m)), shape) - 1) <= 1e-4
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_lazy_load_of_vectors_of_another_size_is_refused(api):
+    """A 1-entry u would broadcast into a 16-entry one through copy_: refused as
+    load_state_dict refuses it."""
+    ours, _ = APIS[api]
+    plain = ours(nn.Conv2d(1, 1, 1)).state_dict()
+    lazy = ours(nn.LazyConv2d(1, 1), input_shape=(4, 4))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        lazy.load_state_dict(plain)
+
+
+def test_the_checkpoint_audit_says_which_layers_it_leaves_out():
+    from safe_norm._checkpoint import audit_state_dict
+
+    net = nn.Sequential(safe_norm.spectral_norm(nn.Conv2d(2, 3, 3), input_shape=(2, 6, 6)),
+                        safe_norm.spectral_norm(nn.Conv2d(3, 3, 3)))
+    with pytest.warns(UserWarning, match=r"left out .*0\.weight_orig"):
+        rows = audit_state_dict(net.state_dict())
+    assert [r.module for r in rows] == ["1"]
+
+
+def test_another_librarys_convolution_shaped_copy_is_other():
+    """The ``SpectralNormConv`` of uncertainty models subclasses upstream's hook with
+    convolution-shaped ``u``, ``v``: audit and sigma report it as ``other`` with a NaN sigma,
+    convert leaves it alone with a warning, operator_norm reads the weight its forward set."""
+    from torch.nn.utils.spectral_norm import SpectralNorm as Upstream
+
+    class Copied(Upstream):  # its own forward would use the conv-shaped vectors
+        pass
+
+    torch.manual_seed(10)
+    conv = torch.nn.utils.spectral_norm(nn.Conv2d(2, 3, 3, padding=1))
+    hook = next(h for h in conv._forward_pre_hooks.values() if isinstance(h, Upstream))
+    hook.__class__ = Copied
+    op = conv_map(conv, (2, 5, 5), conv.weight_orig)
+    conv.weight_u = torch.nn.functional.normalize(torch.randn(op.shape[0]), dim=0)
+    conv.weight_v = torch.nn.functional.normalize(torch.randn(op.shape[1]), dim=0)
+    conv.weight = conv.weight_orig.detach() / 2  # as its forward would have set it
+    [row] = safe_norm.audit(nn.Sequential(conv))
+    assert row.library == "other" and math.isnan(row.sigma)
+    assert math.isnan(safe_norm.sigma(conv).item())
+    with pytest.warns(UserWarning, match="left as they are"):
+        safe_norm.convert(conv)
+    assert type(hook) is Copied
+    found = safe_norm.operator_norm(conv, (2, 5, 5))
+    assert abs(found.estimate / dense_norm(_with_weight(conv, conv.weight), (2, 5, 5)) - 1) <= 1e-4
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_coeff_with_complex_weights(api):
+    ours, _ = APIS[api]
+    torch.manual_seed(11)
+    m = ours(nn.Linear(6, 8, dtype=torch.cfloat), coeff=0.5).eval()
+    m(torch.randn(2, 6, dtype=torch.cfloat))
+    assert abs(torch.linalg.matrix_norm(m.weight.detach().to(torch.cdouble), 2).item() / 0.5 - 1) <= 1e-4
