@@ -165,15 +165,16 @@ class ConvMap(NamedTuple):
             x = _FUNCTIONAL[self.d](y, weight, None, self.stride, padding, self.dilation, self.groups)
             # an output padding of a stride or more gives the convolution rows past the input's
             # (the transposed one reads zeros there)
-            for axis, n in enumerate(self.in_shape[1:], start=2):
-                x = x.narrow(axis, 0, n)
+            for i, n in enumerate(self.in_shape[1:]):
+                x = x.narrow(i + 2, 0, n)
             return x.reshape(*flat.shape[:-1], -1)
         kernel = weight.shape[2:]
         padded = [n + left + right for n, (left, right) in zip(self.in_shape[1:], self.pads)]
         # the rows the strided windows do not reach get output padding (zeros' adjoint)
         extra = tuple((p - dil * (k - 1) - 1) % s for p, dil, k, s in zip(padded, self.dilation, kernel, self.stride))
         z = _FUNCTIONAL_T[self.d](y, weight, None, self.stride, 0, extra, self.groups, self.dilation)
-        for axis, (n, (left, right)) in enumerate(zip(self.in_shape[1:], self.pads), start=2):
+        for i, (n, (left, right)) in enumerate(zip(self.in_shape[1:], self.pads)):
+            axis = i + 2  # (batch, channels, *spatial)
             core = z.narrow(axis, left, n)
             if self.circular:  # F.pad's wrap: the padding's rows came from the far ends
                 core = core.clone()

@@ -192,7 +192,7 @@ def divisor(sigma: Tensor, coeff: float | None) -> Tensor:
     (of sigma's real part for a complex weight, whose converged ``uᴴWv`` is real)."""
     if coeff is None:
         return _usable(sigma)
-    return torch.clamp((sigma.real if sigma.is_complex() else sigma) / coeff, min=1)
+    return torch.clamp((sigma.real if sigma.dtype.is_complex else sigma) / coeff, min=1)
 
 
 def _slope(sigma: Tensor, coeff: float) -> Tensor:
@@ -221,7 +221,8 @@ class _Normalise(torch.autograd.Function):
                 coeff: float | None) -> Tensor:
         by = divisor(sigma, coeff)
         ctx.save_for_backward(weight, u, v, sigma, by)
-        ctx.dim, ctx.coeff = dim, coeff
+        ctx.dim = dim
+        ctx.coeff = coeff
         return weight / by
 
     @staticmethod
@@ -852,7 +853,7 @@ class Map(NamedTuple):
 
     @property
     def mH(self) -> Map:  # noqa: N802 - as Tensor.mH
-        return self._replace(adjoint_first=not self.adjoint_first)
+        return Map(self.op, self.weight, not self.adjoint_first)
 
     @property
     def shape(self) -> tuple[int, int]:  # type: ignore[override]
@@ -875,13 +876,13 @@ class Map(NamedTuple):
         return self.weight.is_meta
 
     def to(self, dtype: torch.dtype) -> Map:
-        return self._replace(weight=self.weight.to(dtype))
+        return Map(self.op, self.weight.to(dtype), self.adjoint_first)
 
     def detach(self) -> Map:
-        return self._replace(weight=self.weight.detach())
+        return Map(self.op, self.weight.detach(), self.adjoint_first)
 
     def __truediv__(self, scale: float) -> Map:  # type: ignore[override]
-        return self._replace(weight=self.weight / scale)
+        return Map(self.op, self.weight / scale, self.adjoint_first)
 
     def dense(self) -> Tensor:
         """The matrix, from the products with the basis of its shorter side (one batched
