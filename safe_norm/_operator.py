@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 from functools import partial
-from typing import Any, NamedTuple, Sequence, cast
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +186,12 @@ class ConvMap(NamedTuple):
         return z.reshape(*flat.shape[:-1], -1)
 
 
+def _check_padding(layer: Any, transposed: bool, who: str) -> None:
+    """Zero and circular padding only (a transposed convolution has zeros only)."""
+    if not transposed and layer.padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"{who}: padding_mode={layer.padding_mode!r} is not supported (zeros and circular are)")
+
+
 def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None = None,
              who: str = "operator_norm") -> ConvMap:
     """The :class:`ConvMap` of a convolution layer on inputs of ``input_shape``
@@ -193,8 +199,7 @@ def conv_map(layer: nn.Module, input_shape: Sequence[int], weight: Tensor | None
     (``"same"`` and ``"valid"`` too); others are refused: ``who`` names the caller in errors."""
     d, transposed = _kind(layer, who)
     conv: Any = layer
-    if not transposed and conv.padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"{who}: padding_mode={conv.padding_mode!r} is not supported (zeros and circular are)")
+    _check_padding(conv, transposed, who)
     W = conv.weight if weight is None else weight
     if W.is_complex():
         raise TypeError(f"{who}: complex weights are not supported with input_shape")
@@ -242,9 +247,7 @@ def check_options(module: nn.Module, name: str, dim: int | None, input_shape: Se
     if dim is not None and dim != _power.default_dim(module):
         raise ValueError("spectral_norm: dim picks the rows of the reshaped weight; with input_shape the norm is "
                          "the layer's as a map on its inputs: leave dim out")
-    if not transposed and cast(Any, module).padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"spectral_norm: padding_mode={cast(Any, module).padding_mode!r} is not supported "
-                         "with input_shape (zeros and circular are)")
+    _check_padding(module, transposed, "spectral_norm with input_shape")
     if isinstance(input_shape, (str, bytes)) or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                        for n in input_shape):
         raise TypeError(f"spectral_norm: input_shape is a sequence of ints (channels, *spatial) or the "
@@ -411,8 +414,7 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int], *, tol: float = 
     d, transposed = _kind(layer)
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"operator_norm: tol must lie in (0, 1), got {tol!r}")
-    if not transposed and cast(Any, layer).padding_mode not in ("zeros", "circular"):
-        conv_map(layer, input_shape)  # its error, before the weight is read
+    _check_padding(layer, transposed, "operator_norm")  # before the weight is read
     return measure(layer, _effective_weight(layer), input_shape, tol, max_steps)
 
 
