@@ -11,7 +11,6 @@ import weakref
 from functools import partial
 from typing import Any, Sequence, TypeVar, cast
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import (
     SpectralNorm as _UpstreamSpectralNorm,
