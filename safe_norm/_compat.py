@@ -6,6 +6,7 @@ longer reaches below that release.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake as _torch_is_fake
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TORCH", "register_load_pre_hook", "is_compiling", "autocast_enabled", "is_fake"]
+__all__ = ["TORCH", "register_load_pre_hook", "is_compiling", "autocast_enabled", "is_fake", "is_sharded",
+           "gathered"]
 
 #: (major, minor) of the installed torch.
 TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -68,3 +70,18 @@ def is_fake(tensor: torch.Tensor) -> bool:
         or torch._is_functional_tensor(tensor)
         or bool(_torch_is_fake(tensor))
     )
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor``: FSDP2's parameters between forwards (during one they are whole, plain
+    tensors).  Asked of ``sys.modules`` so that safe_norm does not import
+    ``torch.distributed.tensor`` (a second to import) for programs that never made one; its
+    public path is torch 2.5's, and FSDP2 (``fully_shard``) is public from torch 2.6."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor (differentiable; a collective: every rank must ask for
+    it), any other tensor as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]

@@ -168,18 +168,25 @@ def _same(a: Tensor, b: Tensor) -> bool:
 def _untracked(weight: Tensor) -> bool:
     """Where content cannot be read or compared: compiled, traced and exported graphs (a
     comparison would be baked in, or cannot be answered on fake tensors), ``torch.func``
-    transforms (it is data-dependent control flow there) and meta tensors."""
+    transforms (it is data-dependent control flow there), meta tensors, and sharded ones
+    (FSDP2's between forwards: reading one whole is a collective, which a ``state_dict()``
+    taken on one rank would wait on forever)."""
     return (
         _compat.is_compiling()
         or torch.jit.is_tracing()
         or _power.transformed()
         or weight.is_meta
         or _compat.is_fake(weight)
+        or _compat.is_sharded(weight)
     )
 
 
 def forward(state: State | None, view: View, training: bool) -> Tensor:
     """The normalised weight for this forward (see the module docstring for the rules)."""
+    if not _compat.is_compiling() and _compat.is_sharded(view.weight):
+        # read outside FSDP2's forward (``module.weight`` of the parametrization API): the
+        # whole weight, gathered from every rank, normalised as a plain tensor
+        view = view._replace(weight=_compat.gathered(view.weight))
     if state is None or _untracked(view.weight):
         if training and state is not None:
             state.watching, state.cache = False, None

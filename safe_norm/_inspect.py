@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _UpstreamParametrization
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamHook
 
-from . import _core, _power
+from . import _compat, _core, _power
 from ._spectral_norm import SpectralNorm
 from .parametrizations import _SpectralNorm
 
@@ -54,11 +54,12 @@ class Layer:
         return f"{self.path}.{self.name}" if self.path else self.name
 
     def weight(self) -> Tensor:
-        """The tensor the layer divides by its sigma."""
+        """The tensor the layer divides by its sigma (whole: gathered from every rank where
+        FSDP2 has sharded it)."""
         if self.api == "hook":
-            return cast(Tensor, getattr(self.module, self.name + "_orig"))
+            return _compat.gathered(cast(Tensor, getattr(self.module, self.name + "_orig")))
         plist = cast(parametrize.ParametrizationList, self.module.parametrizations[self.name])  # type: ignore[index,union-attr]
-        x = cast(Tensor, plist.original)
+        x = _compat.gathered(cast(Tensor, plist.original))
         for p in list(plist)[: self.index]:
             x = p(x)
         return x
