@@ -77,8 +77,8 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     tensors).  Asked of ``sys.modules`` so that safe_norm does not import
     ``torch.distributed.tensor`` (a second to import) for programs that never made one; its
     public path is torch 2.5's, and FSDP2 (``fully_shard``) is public from torch 2.6."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # not there in torch 2.1-2.4
+    return cls is not None and isinstance(tensor, cls)
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
