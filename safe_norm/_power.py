@@ -379,24 +379,34 @@ def _times(A: Tensor | Map, X: Tensor) -> Tensor:
 
 
 class _Krylov(NamedTuple):
-    """A tracked step's basis as rows, in buffers for as many blocks as it may build: ``S``
-    (orthonormal rows), ``AS`` and ``MS = AᴴA S`` (rows: no concatenation as blocks are added,
-    and the products run along contiguous rows)."""
+    """A tracked step's basis as rows, in buffers with room for the blocks it builds: ``S``
+    (orthonormal rows), ``AS`` and ``MS = AᴴA S`` (rows: no concatenation per block, and the
+    products run along contiguous rows)."""
 
     S: Tensor
     AS: Tensor
     MS: Tensor
 
 
-def _krylov(A: Tensor | Map, start: Tensor, basis: Tensor, blocks: int, cap: int) -> _Krylov:
-    """``blocks`` Krylov blocks (room for ``cap``) from ``start`` (one row) and the kept
-    vectors ``basis`` (rows) but its first (the buffer's vector leads: a load or a DDP
-    broadcast may have replaced it)."""
-    rows = cap * TRACK_BLOCK
-    K = _Krylov(*(start.new_empty(rows, A.size(side)) for side in (1, 0, 1)))
+def _krylov(A: Tensor | Map, start: Tensor, basis: Tensor, blocks: int) -> _Krylov:
+    """``blocks`` Krylov blocks from ``start`` (one row) and the kept vectors ``basis`` (rows)
+    but its first (the buffer's vector leads: a load or a DDP broadcast may have replaced it)."""
+    K = _room(A, None, blocks, start)
     _add_block(A, K, 0, _orthonormal(torch.cat([start, basis[1:].to(start)])))
-    _extend(A, K, 1, blocks)
-    return K
+    return _extend(A, K, 1, blocks)
+
+
+def _room(A: Tensor | Map, K: _Krylov | None, blocks: int, like: Tensor) -> _Krylov:
+    """``K`` with room for ``blocks`` blocks, its rows kept: buffers of that size, not of the
+    cap (on a GPU the caching allocator would hold the cap's memory for every tracked map)."""
+    rows = blocks * TRACK_BLOCK
+    if K is not None and K.S.size(0) >= rows:
+        return K
+    grown = _Krylov(*(like.new_empty(rows, A.size(side)) for side in (1, 0, 1)))
+    if K is not None:
+        for old, new in zip(K, grown):
+            new[: old.size(0)] = old
+    return grown
 
 
 def _add_block(A: Tensor | Map, K: _Krylov, k: int, Z: Tensor) -> None:
@@ -407,11 +417,13 @@ def _add_block(A: Tensor | Map, K: _Krylov, k: int, Z: Tensor) -> None:
     K.MS[rows] = _times(A.mH, K.AS[rows])
 
 
-def _extend(A: Tensor | Map, K: _Krylov, built: int, blocks: int) -> None:
+def _extend(A: Tensor | Map, K: _Krylov, built: int, blocks: int) -> _Krylov:
     """Blocks ``built`` up to ``blocks``: each ``AᴴA`` times the last, orthogonal to all before."""
+    K = _room(A, K, blocks, K.S)
     for k in range(built, blocks):
         last = K.MS[(k - 1) * TRACK_BLOCK : k * TRACK_BLOCK]
         _add_block(A, K, k, _orthonormal(last, K.S[: k * TRACK_BLOCK]))
+    return K
 
 
 def _projections(K: _Krylov, d: int) -> Tensor:
@@ -420,9 +432,12 @@ def _projections(K: _Krylov, d: int) -> Tensor:
     evaluates Rayleigh quotients and residual norms of any combination of the basis, and
     ``P``, ``C``, ``H`` are products in float64: a float32 ``‖MS y - θ S y‖²`` from them would
     cancel near convergence.  ``G`` is a float32 product: it gives the Ritz vectors and values,
-    and the residual is smallest at the quotient ``C`` gives, so an error ``δ`` in ``θ`` (or one
-    in ``y`` of ``δ`` over the gap) only adds ``δ²`` to the squared residual: the bound grows,
-    by far less than any tolerance (about 1e-12 of ``σ²``)."""
+    and the squared residual of the vector ``y`` taken is smallest at ``y``'s own quotient,
+    which ``C`` and ``P`` give in float64: computed at a ``θ`` off by ``δ`` it is larger by
+    ``δ²``, so the bound stays a bound for that vector (``θ`` from a float32 ``G`` is off by
+    up to ~4e-8 ``σ²``: ``δ²`` ~1e-15 ``σ⁴``, where a tolerance of 1e-6 needs ``r²`` of ~1e-12
+    ``σ⁴``).  An error in ``y`` only picks a slightly different vector, whose own residual
+    the bound then is."""
     wide = torch.promote_types(K.S.dtype, torch.float64)
     AS = K.AS[:d]
     S, MS = K.S[:d].to(wide), K.MS[:d].to(wide)  # rows: X.conj() @ Y.mT is Xᴴ Y of the columns
@@ -542,7 +557,7 @@ def track_(
                             dtype=A.dtype if isinstance(A, Map) else A.real.dtype).mT
         blocks = max(blocks, FRESH_BLOCKS)
     blocks = min(max(blocks, MIN_CHECK), cap)
-    K = _krylov(A, start, basis, blocks, cap)
+    K = _krylov(A, start, basis, blocks)
     checks = 0
     while True:
         M = _host(_projections(K, blocks * TRACK_BLOCK))  # the one host synchronisation of a check
@@ -579,7 +594,7 @@ def track_(
         if passed or blocks == cap:
             break
         more = _more_blocks(bound(blocks), bound(blocks - 1), target, cap - blocks)
-        _extend(A, K, blocks, blocks + more)
+        K = _extend(A, K, blocks, blocks + more)
         blocks += more
     Y = _back(now[2][:, :TRACK_BLOCK].mT, K.S)  # coordinates, a row per Ritz vector
     d = Y.size(1)

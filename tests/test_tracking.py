@@ -334,7 +334,7 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
             A32 = W.detach().float().contiguous()
             A32 = A32.mT if wide else A32
             start = (u if wide else v).float().reshape(1, -1)
-            K = _power._krylov(A32, start, basis, 8, 8)
+            K = _power._krylov(A32, start, basis, 8)
             M = _power._projections(K, 8 * _power.TRACK_BLOCK)
             A = A.mT if wide else A
             exact = torch.linalg.matrix_norm(A, 2).item() ** 2
