@@ -74,7 +74,8 @@ def is_fake(tensor: torch.Tensor) -> bool:
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """A ``DTensor``: FSDP2's parameters between forwards (during one they are whole, plain
-    tensors).  Asked of ``sys.modules`` so that safe_norm does not import
+    tensors; tensor parallelism, whose weights stay sharded inside the forward, is not
+    supported).  Asked of ``sys.modules`` so that safe_norm does not import
     ``torch.distributed.tensor`` (a second to import) for programs that never made one; its
     public path is torch 2.5's, and FSDP2 (``fully_shard``) is public from torch 2.6."""
     cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # not there in torch 2.1-2.4

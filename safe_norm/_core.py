@@ -168,16 +168,13 @@ def _same(a: Tensor, b: Tensor) -> bool:
 def _untracked(weight: Tensor) -> bool:
     """Where content cannot be read or compared: compiled, traced and exported graphs (a
     comparison would be baked in, or cannot be answered on fake tensors), ``torch.func``
-    transforms (it is data-dependent control flow there), meta tensors, and sharded ones
-    (FSDP2's between forwards: reading one whole is a collective, which a ``state_dict()``
-    taken on one rank would wait on forever)."""
+    transforms (it is data-dependent control flow there) and meta tensors."""
     return (
         _compat.is_compiling()
         or torch.jit.is_tracing()
         or _power.transformed()
         or weight.is_meta
         or _compat.is_fake(weight)
-        or _compat.is_sharded(weight)
     )
 
 
@@ -350,10 +347,23 @@ def watch(state: State, view: View) -> None:
 def settle(state: State | None, view: View) -> None:
     """Re-converge now if the next forward would (a ``state_dict()`` is about to be taken):
     a checkpoint then holds vectors converged for the weight it holds, and its load, which
-    keeps them exactly, divides by the same sigma as the original would."""
-    if state is not None and state.checks() and not _untracked(view.weight):
-        with torch.no_grad():
-            _refresh(state, view, state.content(view.matrix().detach()))
+    keeps them exactly, divides by the same sigma as the original would.
+
+    Not on a sharded weight (FSDP2's between forwards): reading it whole is a collective, which
+    a ``state_dict()`` taken on one rank would wait on forever.  The vectors are saved as they
+    are; where they are known not to be converged (registered on the meta device, or the
+    weight assigned, and no forward since), a warning says so."""
+    if state is None or not state.checks() or _untracked(view.weight):
+        return
+    if _compat.is_sharded(view.weight):
+        if state.ref is None:
+            warnings.warn(f"state_dict of {state.label or 'a sharded weight'}: its u, v are not converged for "
+                          "the weight (no forward since it was registered or assigned), and a sharded weight is "
+                          "not gathered here: the checkpoint holds them as they are. Run one forward first.",
+                          stacklevel=3)
+        return
+    with torch.no_grad():
+        _refresh(state, view, state.content(view.matrix().detach()))
 
 
 @torch.no_grad()

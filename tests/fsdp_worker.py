@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from datetime import timedelta
 
 import torch
@@ -140,6 +141,31 @@ def fsdp(rank: int, world: int, out_dir: str, config: tuple) -> dict:
     return result
 
 
+def meta_recipe(mesh, api: str) -> dict:
+    """FSDP2's large-model recipe: built on the meta device, sharded, ``to_empty``, initialised.
+    Whether ``state_dict()`` warned before any forward (u, v not converged; a sharded weight is
+    not gathered there), and after one."""
+    sn = safe_norm.spectral_norm if api == "hook" else safe_norm.parametrizations.spectral_norm
+    with torch.device("meta"):
+        net = sn(nn.Linear(64, 32))
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    fully_shard(net, mesh=mesh)
+    net.to_empty(device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    result = {}
+    for when in ("before", "after"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            net.state_dict()
+        result[when] = any("not converged" in str(w.message) for w in caught)
+        net(torch.randn(2, 64)).sum().backward()
+    return result
+
+
 def ddp_compiled(rank: int, world: int, library: str, api: str, wrap: str) -> dict:
     torch._dynamo.reset()
     net = build(library, api)
@@ -161,7 +187,13 @@ def run(rank: int, world: int, out_dir: str, which: str) -> None:
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        if which == "fsdp":
+        if which == "meta":
+            from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+            mesh = init_device_mesh("cpu", (world,))
+            warned = {api: meta_recipe(mesh, api) for api in ("hook", "parametrization")}
+            torch.save(warned, os.path.join(out_dir, f"meta-rank{rank}.pt"))
+        elif which == "fsdp":
             for config in CONFIGS:
                 torch.save(fsdp(rank, world, out_dir, config), os.path.join(out_dir, f"{name(*config)}-rank{rank}.pt"))
         else:

@@ -81,6 +81,15 @@ def test_fully_sharded_training_checkpoints_and_reads(tmp_path):
         assert torch.equal(fsdp_worker.outputs(plain)["out"], ranks[0]["out"]), config
 
 
+def test_a_checkpoint_of_vectors_known_unconverged_warns(tmp_path):
+    """FSDP2's meta-device recipe: ``state_dict()`` before any forward cannot gather the sharded
+    weight to converge ``u``, ``v``, and says so; after a forward it has nothing to say."""
+    _spawn(tmp_path, "meta")
+    for rank in range(2):
+        warned = torch.load(tmp_path / f"meta-rank{rank}.pt", weights_only=True)
+        assert warned == {api: {"before": True, "after": False} for api in ("hook", "parametrization")}
+
+
 def test_ddp_with_several_buckets_compiled(tmp_path):
     _spawn(tmp_path, "ddp_compiled")
     for config in fsdp_worker.COMPILED:
