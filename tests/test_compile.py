@@ -3,6 +3,9 @@ no recompilation per step.  Slow (inductor compiles C++), kept in CI."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -99,3 +102,43 @@ def _with_terms(net: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, floa
     W = sn_state(head)[0]  # not head.weight: in the parametrization API that runs a power step
     W_sn = W.abs() / torch.linalg.matrix_norm(W.double(), 2).item()
     return out, ((seen["h"].abs() @ W_sn.T) + head.bias.detach().abs()).max().item()
+
+
+@pytest.mark.parametrize("track", [None, 1e-4], ids=["default", "track_tol"])
+@pytest.mark.parametrize("api", APIS)
+def test_no_recompilation_over_training_with_eval_and_an_ema_copy(api, track):
+    """What a GAN loop does to a compiled model: training steps, an eval forward every few
+    steps, and an EMA copy (a deep copy, moved by ``lerp_``, compiled on its own) sampled in
+    eval.  Each kind of call compiles once; after that no call compiles anything."""
+    ours, _ = APIS[api]
+    sn = ours if track is None else (lambda m: ours(m, track_tol=track))
+    net, shape = _conv_d(sn)
+    ema = copy.deepcopy(net).eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, compiled_ema = torch.compile(net, backend="aot_eager"), torch.compile(ema, backend="aot_eager")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    frames = torch._dynamo.utils.counters["frames"]
+    seen, later = set(), 0
+    for step in range(12):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+        calls = [("train", lambda: compiled(x).square().mean().backward())]
+        if step % 4 == 0:
+            calls += [("eval", lambda: compiled(x)), ("ema", lambda: compiled_ema(x))]
+        for kind, call in calls:
+            net.train(kind == "train")
+            before = frames["total"]
+            with torch.no_grad() if kind != "train" else contextlib.nullcontext():
+                call()
+            if kind in seen:
+                later += frames["total"] - before
+            seen.add(kind)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for p, q in zip(ema.parameters(), net.parameters(), strict=True):
+                p.lerp_(q, 0.1)
+    assert seen == {"train", "eval", "ema"}
+    assert later == 0
+    if HOOKS_INLINED:
+        assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
