@@ -15,9 +15,11 @@ compiled on its own, evaluated in eval mode).
 
 Reported per variant:
 
-- compile s: the first training step's time minus the median later step's (what compiling
-  forward and backward cost), and its ratio to the model without spectral norm and to
-  upstream's with the same API;
+- compile s: what the calls took beyond a steady call of their kind (training steps, eval
+  forwards, EMA samples; the steady one: their median after the first), i.e. compiling, at
+  the first call or at any later recompilation; the median over ``--repeats`` processes a
+  variant (run in interleaved rounds), its range, and its ratio to the model without spectral
+  norm and to upstream's with the same API;
 - step ms: the median compiled training step after the first 10;
 - breaks: graph breaks over the run (``torch._dynamo.utils.counters``);
 - recompiles: frames dynamo compiled by any call after the first of its kind (train, eval,
@@ -28,7 +30,7 @@ Reported per variant:
   eager forward tracks and the compiled one takes upstream's step: they differ by the lag);
 - export: whether ``torch.export.export`` of the eval model works.
 
-Run:  python benchmarks/compile.py [--models sngan,mlp] [--steps 100] [--variants ...]
+Run:  python benchmarks/compile.py [--models sngan,mlp] [--steps 100] [--repeats 3] [--variants ...]
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def one(model: str, variant: str, steps: int) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
     compiled, compiled_ema = torch.compile(net), torch.compile(ema)
     gen = torch.Generator().manual_seed(1)
-    times, diffs, seen, recompiles = [], [], set(), 0
+    times: dict[str, list[float]] = {"train": [], "eval": [], "ema": []}
+    diffs, seen, recompiles = [], set(), 0
 
     def call(kind, f, *args):  # f(*args), counting the frames dynamo compiles after a kind's first call
         nonlocal recompiles
@@ -89,14 +92,21 @@ def one(model: str, variant: str, steps: int) -> dict:
         seen.add(kind)
         return out
 
-    for step in range(steps):
-        x = torch.randn(batch, *shape, generator=gen)
+    def timed(kind, f, *args):
         start = time.perf_counter()
+        out = f(*args)
+        times[kind].append(time.perf_counter() - start)
+        return out
+
+    def train_step(x):
         net.train()
         opt.zero_grad(set_to_none=True)
         call("train", compiled, x).square().mean().backward()
         opt.step()
-        times.append(time.perf_counter() - start)
+
+    for step in range(steps):
+        x = torch.randn(batch, *shape, generator=gen)
+        timed("train", train_step, x)
         with torch.no_grad():
             for p, q in zip(ema.parameters(), net.parameters(), strict=True):
                 p.lerp_(q, 0.001)
@@ -110,20 +120,23 @@ def one(model: str, variant: str, steps: int) -> dict:
                         b.copy_(s)
             net.eval()
             with torch.no_grad():
-                call("eval", compiled, x)
-                call("ema", compiled_ema, x)
+                timed("eval", call, "eval", compiled, x)
+                timed("ema", call, "ema", compiled_ema, x)
             net.train()
-    later = statistics.median(times[10:]) if steps > 10 else times[-1]
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    # what every call took beyond a steady one of its kind: compiling, whenever it happened
+    steady = {kind: statistics.median(t[1:] if len(t) > 1 else t) for kind, t in times.items()}
+    compile_s = sum(sum(t) - len(t) * steady[kind] for kind, t in times.items())
     try:
         torch.export.export(net.eval(), (torch.randn(2, *shape),))
         export = "yes"
     except Exception as error:  # reported, not raised: upstream may fail here
         export = f"no: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
-    counters = torch._dynamo.utils.counters
     return {
-        "compile_s": times[0] - later,
-        "step_ms": later * 1e3,
-        "breaks": sum(counters["graph_break"].values()),
+        "compile_s": compile_s,
+        "step_ms": statistics.median(times["train"][10:] or times["train"]) * 1e3,
+        "breaks": breaks,
         "recompiles": recompiles,
         "eager_diff": max(((c - e).abs().max() / e.abs().max()).item() for e, c in zip(diffs[::2], diffs[1::2])),
         "export": export,
@@ -134,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="sngan,mlp")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per variant, interleaved")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,30 +158,37 @@ def main() -> None:
     print(machine(torch.device("cpu")))
     variants = args.variants.split(",")
     for model in args.models.split(","):
-        results = {}
-        for variant in variants:
-            with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-                       "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-                run = subprocess.run([sys.executable, __file__, "--one", model, variant, "--steps", str(args.steps)],
-                                     env=env, capture_output=True, text=True, check=False)
-            if run.returncode:
-                results[variant] = {"error": (run.stderr.strip().splitlines() or ["?"])[-1][:100]}
-            else:
-                results[variant] = json.loads(run.stdout.strip().splitlines()[-1])
-        plain = results.get("no SN", {}).get("compile_s")
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        errors: dict[str, str] = {}
+        for _ in range(args.repeats):  # rounds over the variants: the machine's drifts hit all alike
+            for variant in variants:
+                with tempfile.TemporaryDirectory() as cache:
+                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+                           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+                    run = subprocess.run([sys.executable, __file__, "--one", model, variant, "--steps", str(args.steps)],
+                                         env=env, capture_output=True, text=True, check=False)
+                if run.returncode:
+                    errors[variant] = (run.stderr.strip().splitlines() or ["?"])[-1][:100]
+                else:
+                    runs[variant].append(json.loads(run.stdout.strip().splitlines()[-1]))
+        compile_s = {v: statistics.median(r["compile_s"] for r in rs) for v, rs in runs.items() if rs}
         rows = []
-        for variant, r in results.items():
-            if "error" in r:
-                rows.append([variant, "failed: " + r["error"], "", "", "", "", "", "", ""])
+        for variant in variants:
+            if variant not in compile_s:
+                rows.append([variant, "failed: " + errors.get(variant, "?")] + [""] * 8)
                 continue
-            theirs = results.get(UPSTREAM.get(variant, ""), {}).get("compile_s")
-            rows.append([variant, f"{r['compile_s']:.1f}", f"{r['compile_s'] / plain:.2f}" if plain else "",
-                         f"{r['compile_s'] / theirs:.2f}" if theirs else "", f"{r['step_ms']:.1f}",
-                         str(r["breaks"]), str(r["recompiles"]), f"{r['eager_diff']:.1e}", r["export"]])
-        print(f"\n{model}: {args.steps} compiled training steps, Adam, one thread\n")
-        print(table(["variant", "compile s", "x no SN", "x upstream", "step ms", "breaks", "recompiles",
+            rs, c = runs[variant], compile_s[variant]
+            plain, theirs = compile_s.get("no SN"), compile_s.get(UPSTREAM.get(variant, ""))
+            rows.append([variant, f"{c:.1f}", f"{min(r['compile_s'] for r in rs):.1f}-{max(r['compile_s'] for r in rs):.1f}",
+                         f"{c / plain:.2f}" if plain else "", f"{c / theirs:.2f}" if theirs else "",
+                         f"{statistics.median(r['step_ms'] for r in rs):.1f}", str(max(r["breaks"] for r in rs)),
+                         str(max(r["recompiles"] for r in rs)), f"{max(r['eager_diff'] for r in rs):.1e}",
+                         ", ".join(sorted({r["export"] for r in rs}))])
+        print(f"\n{model}: {args.steps} compiled training steps, Adam, one thread; {args.repeats} processes a variant\n")
+        print(table(["variant", "compile s", "range", "x no SN", "x upstream", "step ms", "breaks", "recompiles",
                      "eager diff", "export (eval)"], rows))
+    print("\ncompile s: median over the processes of what the calls took beyond a steady call of their kind")
+    print("(training steps, eval forwards, EMA samples); x no SN / x upstream: ratios of those medians.")
 
 
 if __name__ == "__main__":
