@@ -11,6 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.nn.utils import parametrize
 
 from safe_norm import _power
 
@@ -156,6 +157,56 @@ def test_export_and_trace_of_an_eval_model(api):
             _assert_close(torch.export.export(sn, (X,)).module()(X), expected)
         traced = torch.jit.trace(sn, (X,))
         _assert_close(traced(X), expected)
+
+
+class _Recurrent(nn.Module):
+    """pytorch#167645's kind of model: each normalised layer applied at every step of a loop,
+    where ``parametrize.cached()`` is what keeps the weight from being rebuilt per step."""
+
+    def __init__(self, sn) -> None:
+        super().__init__()
+        self.decoder, self.encoder = sn(nn.Linear(8, 6)), sn(nn.Linear(6, 8))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.new_zeros(inputs.shape[0], 8)
+        for y in inputs.unbind(1):
+            x = x + self.encoder(self.decoder(x) - y)
+        return x
+
+
+def _calls(program, op: str) -> int:
+    """Nodes of an exported program, its nested graphs included, that call the aten op ``op``."""
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    return sum(n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0] == op
+               for g in graphs for n in g.nodes)
+
+
+def test_export_under_parametrize_cached_builds_each_weight_once():
+    ours, theirs = APIS["parametrization"]
+    torch.manual_seed(0)
+    up = _Recurrent(theirs).eval()
+    sn = _Recurrent(ours).eval()
+    sn.load_state_dict(up.state_dict())
+    inputs = torch.randn(3, 5, 6)
+    with parametrize.cached():
+        try:
+            up_program = torch.export.export(up, (inputs,))
+        except Exception as upstreams:  # where upstream's export refuses the cache, so does ours
+            with pytest.raises(type(upstreams)):
+                torch.export.export(sn, (inputs,))
+            return
+        program = torch.export.export(sn, (inputs,))
+    # once per layer, not once per step (5 steps: 10 divisions without the cache)
+    assert _calls(program, "div") == _calls(up_program, "div") == 2
+    assert _calls(program, "mv") == _calls(up_program, "mv") == 2
+    with torch.no_grad():
+        _assert_close(program.module()(inputs), up(inputs))
+        # nothing of the weights is baked into the program: new weights give the eager result
+        for p in sn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        exported = program.module()
+        exported.load_state_dict(sn.state_dict())
+        _assert_close(exported(inputs), sn(inputs))
 
 
 def test_the_private_torch_names_transformed_relies_on():
