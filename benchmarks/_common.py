@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -28,6 +32,16 @@ def machine(device: torch.device) -> str:
         f"torch {torch.__version__}, safe_norm {safe_norm.__version__}, {where}, "
         f"{torch.get_num_threads()} threads, device {device}"
     )
+
+
+def run_cold(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python script *args`` in a process of its own with inductor's on-disk caches in a fresh
+    temporary directory and off: what it compiles, it compiles from scratch (a compile-time
+    measurement must not reuse an earlier variant's kernels)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+               "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+        return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, check=False)
 
 
 def normalised_weight(module: nn.Module) -> torch.Tensor:

@@ -38,11 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
@@ -51,7 +47,7 @@ from torch.nn.utils import spectral_norm as upstream_hook
 
 import safe_norm
 import safe_norm.parametrizations
-from _common import machine, table
+from _common import machine, run_cold, table
 from tracking import MODELS
 
 VARIANTS = {
@@ -162,11 +158,7 @@ def main() -> None:
         errors: dict[str, str] = {}
         for _ in range(args.repeats):  # rounds over the variants: the machine's drifts hit all alike
             for variant in variants:
-                with tempfile.TemporaryDirectory() as cache:
-                    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-                           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-                    run = subprocess.run([sys.executable, __file__, "--one", model, variant, "--steps", str(args.steps)],
-                                         env=env, capture_output=True, text=True, check=False)
+                run = run_cold(__file__, ["--one", model, variant, "--steps", str(args.steps)])
                 if run.returncode:
                     errors[variant] = (run.stderr.strip().splitlines() or ["?"])[-1][:100]
                 else:
