@@ -10,7 +10,10 @@ forward.  Each variant is compiled from scratch in a process of its own (``fullg
 one thread).
 
 Reported: compile s, the first training step's time beyond a steady step's; step ms, the
-median steady compiled step; ratios to the model without spectral norm and to upstream's.
+median of the later half of 16 compiled steps; ratios to the model without spectral norm and
+to upstream's.  One process a variant: single compile times vary by 20-40 % on a shared machine.
+Plain and cached are different computations in training: a power step per use of the weight,
+or one per forward.
 
 Run:  python benchmarks/compile_loop.py [--length 16] [--n-power-iterations 10]
 """
@@ -53,7 +56,7 @@ class Recurrent(nn.Module):
         return x
 
 
-def one(variant: str, cached: bool, length: int, n: int, steps: int = 6) -> dict:
+def one(variant: str, cached: bool, length: int, n: int, steps: int = 16) -> dict:
     torch.set_num_threads(1)
     torch.compile(lambda t: t.sin() + 1)(torch.ones(3))  # inductor loaded and warm
     torch._dynamo.reset()
@@ -67,7 +70,7 @@ def one(variant: str, cached: bool, length: int, n: int, steps: int = 6) -> dict
         with parametrize.cached() if cached else contextlib.nullcontext():
             compiled(inputs).square().sum().backward()
         times.append(time.perf_counter() - start)
-    steady = statistics.median(times[1:])
+    steady = statistics.median(times[len(times) // 2:])  # the later half: the first few still settle
     return {"compile_s": times[0] - steady, "step_ms": steady * 1e3}
 
 
@@ -89,7 +92,7 @@ def main() -> None:
             run = run_cold(__file__, ["--one", variant, str(int(cached)), "--length", str(args.length),
                                       "--n-power-iterations", str(args.n_power_iterations)])
             if run.returncode:
-                rows.append([variant, "cached" if cached else "", "failed: " + (run.stderr.strip().splitlines() or ["?"])[-1][:80]])
+                rows.append([variant, "cached()" if cached else "", "failed: " + (run.stderr.strip().splitlines() or ["?"])[-1][:80]])
                 continue
             found[variant] = json.loads(run.stdout.strip().splitlines()[-1])
         plain, theirs = found.get("no SN"), found.get("upstream param.")

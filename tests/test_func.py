@@ -191,22 +191,23 @@ def test_export_under_parametrize_cached_builds_each_weight_once():
     with parametrize.cached():
         try:
             up_program = torch.export.export(up, (inputs,))
-        except Exception as upstreams:  # where upstream's export refuses the cache, so does ours
+        except Exception as upstreams:  # torch 2.1's export puts the cached tensor in the graph
             with pytest.raises(type(upstreams)):
                 torch.export.export(sn, (inputs,))
-            return
+            pytest.skip(f"this torch's export refuses parametrize.cached(), upstream's too: {upstreams}"[:200])
         program = torch.export.export(sn, (inputs,))
     # once per layer, not once per step (5 steps: 10 divisions without the cache)
     assert _calls(program, "div") == _calls(up_program, "div") == 2
-    assert _calls(program, "mv") == _calls(up_program, "mv") == 2
+    assert _calls(program, "mv") == _calls(up_program, "mv")  # sigma's products (decomposed by some releases)
     with torch.no_grad():
         _assert_close(program.module()(inputs), up(inputs))
-        # nothing of the weights is baked into the program: new weights give the eager result
-        for p in sn.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        exported = program.module()
-        exported.load_state_dict(sn.state_dict())
-        _assert_close(exported(inputs), sn(inputs))
+    # nothing of the weights is baked into the program: another model's give that model's result
+    torch.manual_seed(1)
+    other = _Recurrent(ours).eval()
+    exported = program.module()
+    exported.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        _assert_close(exported(inputs), other(inputs))
 
 
 def test_the_private_torch_names_transformed_relies_on():
