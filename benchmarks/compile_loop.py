@@ -3,10 +3,11 @@ training, with and without ``parametrize.cached()``: no spectral norm, upstream'
 safe_norm's parametrization API, from one run.
 
 The model is that report's: a hidden state updated at every step of the sequence through two
-spectrally normalised linear layers (``n_power_iterations=10`` there).  In training every
-access of a parametrized weight runs its power step, in both libraries, so the compiled graph
-holds one per layer and step; under ``parametrize.cached()`` the weight is built once per
-forward.  Each variant is compiled from scratch in a process of its own (``fullgraph=True``,
+spectrally normalised linear layers (``n_power_iterations=10`` there; its propagator's
+``orthogonal`` parametrization is left out, so that the model without spectral norm has
+none).  In training every access of a parametrized weight runs its power step, in both
+libraries, so the compiled graph holds one per layer and step; under ``parametrize.cached()``
+the weight is built once per forward.  Each variant is compiled from scratch in a process of its own (``fullgraph=True``,
 one thread).
 
 Reported: compile s, the first training step's time beyond a steady step's; step ms, the
