@@ -65,11 +65,19 @@ def is_fake(tensor: torch.Tensor) -> bool:
     module call to dynamo there), without reporting ``is_compiling()``; a value comparison on
     such a tensor cannot be answered.  (Eager ``torch.func.functionalize`` is a functorch
     transform, caught before this.)"""
+    if type(tensor) in _PLAIN:
+        # torch's is_fake costs ~2 us a call, at every training forward; of a plain type only
+        # a functionalised wrapper (C++, torch 2.1) or a functorch one can be a trace's
+        # tensor, and functorch's transforms are asked for before this
+        return torch._is_functional_tensor(tensor)
     return (
         isinstance(tensor, _FUNCTIONAL)
         or torch._is_functional_tensor(tensor)
         or bool(_torch_is_fake(tensor))
     )
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

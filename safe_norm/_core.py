@@ -199,7 +199,8 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
     W = view.matrix().detach()
     # With a graph there is nothing to reuse; off the CPU the bitwise comparison would
     # synchronise with the device at every forward, for a division that costs less.
-    cacheable = not torch.is_grad_enabled() and W.device.type == "cpu"
+    graph = torch.is_grad_enabled()
+    cacheable = not graph and W.device.type == "cpu"
     if not cacheable:
         state.cache = None
     with torch.no_grad():
@@ -218,7 +219,8 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
             and _same(cached.value_r, _times_probe(state, cached.value, view))
         ):
             return cached.value
-        sigma = _power.sigma(view.linear(W), view.u, view.v)
+        # with a graph, normalise computes sigma itself (on small weights, as part of it)
+        sigma = None if graph else _power.sigma(view.linear(W), view.u, view.v)
     value = _normalise(view, sigma)
     if cacheable:
         state.cache = _Cached(value, key,  # type: ignore[arg-type]
@@ -285,7 +287,7 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _pow
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
-def _normalise(view: View, sigma: Tensor) -> Tensor:
+def _normalise(view: View, sigma: Tensor | None) -> Tensor:
     # The graph (if any) is built on clones: a later power step writes the buffers in place.
     u = view.u.clone(memory_format=torch.contiguous_format)
     v = view.v.clone(memory_format=torch.contiguous_format)
@@ -294,14 +296,12 @@ def _normalise(view: View, sigma: Tensor) -> Tensor:
 
 def _normalised(view: View, training: bool) -> Tensor:
     """Upstream's forward: a power step in training, then ``W / (uᴴ W v)``."""
-    W = view.linear()
+    sigma = None  # in eval, normalise computes it where it needs it (once, with its graph or not)
     if training:
         sigma = _power.power_iteration_(
-            W, view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first
+            view.linear(), view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first,
+            estimate=_power.takes_sigma(view.weight, view.op),
         )
-    else:
-        with torch.no_grad():
-            sigma = _power.sigma(W, view.u, view.v)
     return _normalise(view, sigma)
 
 
