@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +26,18 @@ APIS = {
     "hook": (safe_norm.spectral_norm, upstream_spectral_norm),
     "parametrization": (safe_norm.parametrizations.spectral_norm, upstream_parametrizations.spectral_norm),
 }
+
+#: How safe_norm divides a weight by its sigma: as shipped (upstream's autograd graph below
+#: ``_power.FUSED_MIN`` entries, the closed-form backward above), or by the closed form on every
+#: weight (the test models are small: without this they would test the graph only).
+PATHS = ("as shipped", "closed form")
+
+
+@contextlib.contextmanager
+def normalisation_path(path: str):
+    """Within it, safe_norm's normalisation takes ``path`` (one of :data:`PATHS`)."""
+    with mock.patch.object(_power, "FUSED_MIN", 0 if path == "closed form" else _power.FUSED_MIN):
+        yield
 
 
 
