@@ -41,7 +41,7 @@ DEFAULT_WARMUP_TOL = _power.DEFAULT_WARMUP_TOL
 def _member(module: nn.Module, name: str) -> Any:
     """``getattr(module, name)`` for a parameter or buffer, from its dict: ``Module.__getattr__``
     costs ~1 us a call, three at every forward (on small layers a few percent of the step)."""
-    found = module._parameters.get(name)
+    found: Tensor | None = module._parameters.get(name)
     if found is None:
         found = module._buffers.get(name)
     return getattr(module, name) if found is None else found
