@@ -132,8 +132,9 @@ def power_iteration_(
 
 # float16 / bfloat16 vectors: norms and sigma are accumulated in float32.
 _HALF = (torch.float16, torch.bfloat16)
-# The largest finite value of each dtype a norm can have (torch.finfo costs ~0.5 us a call).
-_LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float32, torch.float64)}
+# The largest finite float32 and float64 (a norm is one or the other; torch.finfo costs ~0.5 us
+# a call, and torch 2.1's dynamo cannot guard on a dict keyed by dtype).
+_FLOAT32_MAX, _FLOAT64_MAX = torch.finfo(torch.float32).max, torch.finfo(torch.float64).max
 
 
 def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
@@ -149,7 +150,7 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
     norm = torch.linalg.vector_norm(x, dtype=torch.float32) if x.dtype in _HALF else torch.linalg.vector_norm(x)
     # usable: eps < norm < inf, in two ops (NaN and inf fail the equality).  The norm is at
     # least float32, so eps=1e-12 does not round to 0 here as it would in float16.
-    usable = norm.clamp(eps, _LARGEST[norm.dtype]) == norm
+    usable = norm.clamp(eps, _FLOAT64_MAX if norm.dtype == torch.float64 else _FLOAT32_MAX) == norm
     if out.dtype in _HALF:  # x / norm is float32 here
         out.copy_(torch.where(usable, x / norm, out))
     else:
