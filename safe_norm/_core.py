@@ -219,8 +219,9 @@ def forward(state: State | None, view: View, training: bool) -> Tensor:
             and _same(cached.value_r, _times_probe(state, cached.value, view))
         ):
             return cached.value
-        # with a graph, normalise computes sigma itself (on small weights, as part of it)
-        sigma = None if graph else _power.sigma(view.linear(W), view.u, view.v)
+        # with a graph, or where it divides by its own (input_shape, complex), normalise
+        # computes sigma itself
+        sigma = None if graph or not _power.takes_sigma(view.weight, view.op) else _power.sigma(W, view.u, view.v)
     value = _normalise(view, sigma)
     if cacheable:
         state.cache = _Cached(value, key,  # type: ignore[arg-type]

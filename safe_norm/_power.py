@@ -183,10 +183,15 @@ def normalise(
     differentiates it through the operator's own products.
     """
     if not takes_sigma(weight, op):
+        if op is None and not weight.is_meta and _compat.autocast_enabled(weight.device.type):
+            # sigma in the weight's dtype, as the power step's and the closed form's: CUDA
+            # autocast would run its mat-vec in float16
+            with torch.autocast(weight.device.type, enabled=False):
+                return weight / divisor(sigma_with_graph(weight, u, v, dim), coeff)
         return weight / divisor(sigma_with_graph(weight, u, v, dim, op), coeff)
     if sigma is None:
         with torch.no_grad():
-            sigma = torch.vdot(u, torch.mv(weight_to_matrix(weight, dim), v))
+            sigma = sigma_with_graph(weight, u, v, dim)
     if not (weight.requires_grad and torch.is_grad_enabled()):  # no graph: the division alone
         return weight / divisor(sigma, coeff)
     return _Normalise.apply(weight, u, v, sigma, dim, coeff)
@@ -197,6 +202,8 @@ def takes_sigma(weight: Tensor, op: Any = None) -> bool:
     sigma itself, with its graph)."""
     if op is not None or weight.dtype.is_complex or transformed():
         return False
+    if torch.jit.is_tracing():  # its sizes are tensors there: a comparison would warn
+        return True
     return weight.numel() >= FUSED_MIN or not (weight.requires_grad and torch.is_grad_enabled())
 
 

@@ -135,7 +135,7 @@ class _SpectralNorm(_UpstreamSpectralNorm):
         """Upstream's power iterations (with ``input_shape``: ``weight_mat`` is the weight, and
         they run through the operator)."""
         A = weight_mat if self.op is None else _power.Map(self.op, weight_mat)
-        _power.power_iteration_(A, self._u, self._v, n_power_iterations, self.eps, u_first=True)
+        _power.power_iteration_(A, self._u, self._v, n_power_iterations, self.eps, u_first=True, estimate=False)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Identity, as upstream; and ``u``, ``v`` are re-converged for ``value``.

@@ -180,6 +180,33 @@ def test_small_layers_train_on_upstreams_graph(api):
 
 
 @pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("kind", ["linear", "conv", "convT"])
+def test_small_layers_train_bit_for_bit_as_upstream(api, kind):
+    """From identical u, v, a small layer (upstream's graph, its power step with guards that
+    keep the same values where a norm is usable) gives upstream's outputs, gradients, weights
+    and vectors bitwise over SGD steps: the same ops on the same values in the same order, so
+    on any machine.  (The closed form, above ``FUSED_MIN``, agrees to rounding instead.)"""
+    ours, theirs = APIS[api]
+    for seed in range(3):
+        module, data = _make(kind, (12, 10), seed)
+        up, sn = twin(module, ours, theirs)
+        opt_up = torch.optim.SGD(up.parameters(), lr=0.05, momentum=0.9)
+        opt_sn = torch.optim.SGD(sn.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(5):
+            x = data(4)
+            out_up, out_sn = up(x), sn(x)
+            assert torch.equal(out_sn, out_up)
+            out_up.square().mean().backward()
+            out_sn.square().mean().backward()
+            for a, b in zip(up.parameters(), sn.parameters(), strict=True):
+                assert torch.equal(b.grad, a.grad)
+            opt_up.step(), opt_sn.step()
+            opt_up.zero_grad(), opt_sn.zero_grad()
+        for name, a in _state(up).items():
+            assert torch.equal(_state(sn)[name], a), name
+
+
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (1, 48), (48, 1)])
 def test_vector_weights(api, shape):
     """A weight with one row or one column normalises to W/|W|; its gradient g/σ - <g, W/σ> W/σ²
