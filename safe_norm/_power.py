@@ -183,9 +183,11 @@ def normalise(
     differentiates it through the operator's own products.
     """
     if not takes_sigma(weight, op):
-        if op is None and not weight.is_meta and _compat.autocast_enabled(weight.device.type):
+        if op is None and not _compat.is_compiling() and not weight.is_meta and _compat.autocast_enabled(weight.device.type):
             # sigma in the weight's dtype, as the power step's and the closed form's: CUDA
-            # autocast would run its mat-vec in float16
+            # autocast would run its mat-vec in float16.  (Not while compiling: under DDP the
+            # compiled step then trained wrong weights, torch 2.13; compiled, the mat-vec runs
+            # in float16 as upstream's.)
             with torch.autocast(weight.device.type, enabled=False):
                 return weight / divisor(sigma_with_graph(weight, u, v, dim), coeff)
         return weight / divisor(sigma_with_graph(weight, u, v, dim, op), coeff)
