@@ -4,7 +4,7 @@ rounding perturbed: what the README's tracking claim rests on.
 For every (model, API, tolerance, seed), a training run of tests/test_tracking.py's
 ``train_errors`` (hinge loss on random data, Adam(lr 2e-4, betas (0, 0.9)), 16 + 16 samples a
 step) records at every training forward of every layer that block Krylov tracks (shorter side
-above ``_power.TRACK_EXACT_SIDE``; the others are solved exactly) ``|sigma used / exact - 1|``,
+above ``_krylov.TRACK_EXACT_SIDE``; the others are solved exactly) ``|sigma used / exact - 1|``,
 exact from the float64 Gram matrix's ``eigvalsh``; with ``--reference arpack`` (needs scipy),
 layers whose shorter side exceeds 512 take ARPACK's top eigenvalue of the same float64 operator
 instead (a 1024x1024 layer: ~3 ms rather than ~50 ms a forward), checked against ``eigvalsh``
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' models and runs
 
-from safe_norm import _power  # noqa: E402
+from safe_norm import _krylov  # noqa: E402
 from tests import test_tracking  # noqa: E402
 
 eigvalsh_exact = test_tracking._exact
@@ -84,7 +84,7 @@ def run(model: str, api: str, tol: float, seed: int, steps: int, perturbed: bool
     if reference == "arpack":
         test_tracking._exact = _arpack_exact()
     counts = {"more": 0, "solved": 0, "tracked": 0}
-    track = _power.track_
+    track = _krylov.track_
 
     def counted(*args, **kwargs):
         found = track(*args, **kwargs)
@@ -94,14 +94,14 @@ def run(model: str, api: str, tol: float, seed: int, steps: int, perturbed: bool
             counts["solved"] += not found.met
         return found
 
-    _power.track_ = counted
+    _krylov.track_ = counted
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             errors = test_tracking.train_errors(api, MODELS[model], tol, steps, seed, krylov_only=True,
                                                 perturb=1e-7 if perturbed else 0.0)
     finally:
-        _power.track_ = track
+        _krylov.track_ = track
     return {"key": (model, api, tol, perturbed), "ratios": [e / tol for e in errors], **counts}
 
 

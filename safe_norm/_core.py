@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _compat, _power
+from . import _compat, _krylov, _power
 from ._errors import warn_if_short
 
 __all__ = ["View", "State", "forward", "converge", "watch", "settle", "next_sigma"]
@@ -105,8 +105,8 @@ class State:
         self.probe: Tensor | None = None
         self.cache: _Cached | None = None
         self.track = track  # track_tol: sigma kept within it at every training forward
-        self.blocks = 1  # Krylov blocks before a tracked step's check (at least _power.MIN_CHECK)
-        self.basis: dict[torch.device, Tensor] = {}  # kept Ritz vectors (see _power.track_)
+        self.blocks = 1  # Krylov blocks before a tracked step's check (at least _krylov.MIN_CHECK)
+        self.basis: dict[torch.device, Tensor] = {}  # kept Ritz vectors (see _krylov.track_)
 
     def checks(self) -> bool:
         """Whether the next forward compares the weight with :attr:`ref`."""
@@ -132,7 +132,7 @@ class State:
         dense vector (the caller's random stream is left as it is)."""
         r = self.probe
         if r is None or r.shape[0] != W.shape[1] or r.dtype != W.dtype or r.device != W.device:
-            r = self.probe = _power.fixed_draw(W.shape[1], like=W)
+            r = self.probe = _krylov.fixed_draw(W.shape[1], like=W)
         if _compat.autocast_enabled(W.device.type):
             # in the weight's dtype, as outside autocast: the same weight gives the same product
             with torch.autocast(W.device.type, enabled=False):
@@ -246,7 +246,7 @@ def _refresh(state: State, view: View, Wr: Tensor) -> bool:
 
 
 @torch.no_grad()
-def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmUp:
+def converge(state: State, view: View, Wr: Tensor | None = None) -> _krylov.WarmUp:
     """Converge ``u``, ``v`` in place for the weight, and take it as the reference.
 
     After a small change (``W r``, given or computed, close to the reference) it starts from
@@ -255,7 +255,7 @@ def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmU
     """
     if view.weight.is_meta:
         state.ref = None
-        return _power.WarmUp(0, math.inf)
+        return _krylov.WarmUp(0, math.inf)
     W = view.matrix().detach()
     Wr = state.content(W) if Wr is None else Wr
     result = _warm_up(state, view, view.u, view.v, Wr)
@@ -270,10 +270,10 @@ def converge(state: State, view: View, Wr: Tensor | None = None) -> _power.WarmU
 
 
 def _tol(state: State) -> float:
-    return _power.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
+    return _krylov.DEFAULT_WARMUP_TOL if state.tol is None else state.tol
 
 
-def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _power.WarmUp:
+def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _krylov.WarmUp:
     ref = state.ref
     warm = False
     h = Wr.numel()
@@ -282,9 +282,9 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _pow
         # dtype change is a small change too)
         ref = ref.to(Wr)
         warm = bool(torch.equal(ref[h:], torch.cat([u, v]).to(Wr))
-                    and (Wr - ref[:h]).norm() <= _power.WARM_CHANGE * ref[:h].norm())
-    steps = _power.WARM_STEPS if warm else 0
-    return _power.warm_up_(view.linear().detach(), u, v, tol=_tol(state), u_first=view.u_first,
+                    and (Wr - ref[:h]).norm() <= _krylov.WARM_CHANGE * ref[:h].norm())
+    steps = _krylov.WARM_STEPS if warm else 0
+    return _krylov.warm_up_(view.linear().detach(), u, v, tol=_tol(state), u_first=view.u_first,
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
@@ -308,14 +308,14 @@ def _normalised(view: View, training: bool) -> Tensor:
 
 def _tracked(state: State, view: View) -> Tensor:
     """A training forward with ``track_tol``: sigma within it of the weight's, by block
-    Krylov from the current vectors (:func:`safe_norm._power.track_`).  Where that cannot vouch
+    Krylov from the current vectors (:func:`safe_norm._krylov.track_`).  Where that cannot vouch
     for its result (a large jump of the weight, a degenerate top of the spectrum), the
     warm-up's solve from the vectors it found; a warning each time that misses too."""
     tol = state.track
     assert tol is not None
     device = view.u.device  # DataParallel replicas share this state: one basis per device
     A = view.linear()
-    found = _power.track_(A, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
+    found = _krylov.track_(A, view.u, view.v, tol, blocks=state.blocks, basis=state.basis.get(device))
     if found is None:  # a zero or non-finite weight: upstream's step (it keeps the vectors)
         return _normalised(view, True)
     state.blocks = found.next_check
@@ -324,7 +324,7 @@ def _tracked(state: State, view: View) -> Tensor:
     sigma = found.sigma
     if not found.met:
         with torch.no_grad():
-            solved = _power.warm_up_(A.detach(), view.u, view.v, tol=tol,
+            solved = _krylov.warm_up_(A.detach(), view.u, view.v, tol=tol,
                                      u_first=view.u_first, reconverge=True)
             sigma = _power.sigma(A.detach(), view.u, view.v)
         if solved.error_estimate > tol:

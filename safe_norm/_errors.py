@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm as _UpstreamSpectralNorm
 
-from ._power import WarmUp, max_abs
+from ._krylov import WarmUp, max_abs
 
 __all__ = [
     "NotATensorError",

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _power
+from . import _krylov, _power
 
 __all__ = ["operator_norm", "OperatorNorm"]
 
@@ -333,7 +333,7 @@ def _lanczos(apply, adjoint, n: int, device: torch.device, upper: float, tol: fl
     less than ``tol * STALL`` over the last :data:`STALL_STEPS` steps, where the Krylov space is
     spent, or at ``max_steps``.  Returns ``‖A x‖ / ‖x‖`` for its top Ritz vector ``x``, computed
     anew (a value the operator attains), and the steps."""
-    generator = torch.Generator().manual_seed(_power.START_SEED)
+    generator = torch.Generator().manual_seed(_krylov.START_SEED)
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
     V = torch.zeros(max_steps + 1, n, dtype=torch.float64, device=device)  # right vectors, rows
     V[0] = v / v.norm()
@@ -423,7 +423,7 @@ def measure(layer: nn.Module, W: Tensor, input_shape: Sequence[int], tol: float,
     d, transposed = _kind(layer)
     if W.is_complex():
         raise TypeError("operator_norm: complex weights are not supported")
-    if not bool(torch.isfinite(_power.max_abs(W))):
+    if not bool(torch.isfinite(_krylov.max_abs(W))):
         raise ValueError("operator_norm: the layer's weight holds NaN or infinite values")
     op = conv_map(layer, input_shape, W)
     wide = W.detach().to(torch.float64)

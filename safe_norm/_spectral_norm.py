@@ -19,7 +19,7 @@ from torch.nn.utils.spectral_norm import (
     remove_spectral_norm as _upstream_remove_spectral_norm,
 )
 
-from . import _core, _power
+from . import _core, _krylov, _power
 from ._errors import check_coeff, check_options, check_warmup_tol, check_weight
 from ._lazy import Pending, copy_loaded_, pending_hooks, pending_on
 from ._operator import ConvMap, conv_map, operator_vectors
@@ -35,7 +35,7 @@ __all__ = [
 
 T_module = TypeVar("T_module", bound=nn.Module)
 
-DEFAULT_WARMUP_TOL = _power.DEFAULT_WARMUP_TOL
+DEFAULT_WARMUP_TOL = _krylov.DEFAULT_WARMUP_TOL
 
 
 def _member(module: nn.Module, name: str) -> Any:

@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # Imported after torch and the path: the repository's own safe_norm, its tests' helpers, the
 # benchmarks' SNGAN discriminator.
 import safe_norm  # noqa: E402
-from safe_norm import _power  # noqa: E402
+from safe_norm import _krylov  # noqa: E402
 from tests.helpers import APIS, DeviceWaits, exact_sigma, sn_state, used_sigma  # noqa: E402
 from tracking import sngan_d  # noqa: E402
 
@@ -137,7 +137,7 @@ class Check:
 
 class Counting:
     """A context that counts what its body makes the host wait for: ``dispatch``, the waits
-    :class:`DeviceWaits` saw (on the CPU plus each of ``_power._host``'s reads); ``cuda``, the
+    :class:`DeviceWaits` saw (on the CPU plus each of ``_krylov._host``'s reads); ``cuda``, the
     warnings of CUDA's sync debug mode; ``checks``, the checks of the tracked steps that ran."""
 
     def __init__(self, device: torch.device) -> None:
@@ -148,7 +148,7 @@ class Counting:
         self.mixed: list[str] = []  # on the CPU: ops that got host data beside device data
 
     def __enter__(self) -> Counting:
-        host, track = self._saved = _power._host, _power.track_
+        host, track = self._saved = _krylov._host, _krylov.track_
 
         def read(x: torch.Tensor) -> torch.Tensor:
             self.counts["reads"] += 1
@@ -164,10 +164,10 @@ class Counting:
                 self.counts["checks"] += found.checks
             return found
 
-        _power._host, _power.track_ = read, tracked
-        self._back = _power._back
+        _krylov._host, _krylov.track_ = read, tracked
+        self._back = _krylov._back
         if self.device.type == "cpu":
-            _power._back = self.mode.moved(self._back)
+            _krylov._back = self.mode.moved(self._back)
         self._warnings = warnings.catch_warnings(record=True)
         self._caught = self._warnings.__enter__()
         warnings.simplefilter("always")
@@ -182,8 +182,8 @@ class Counting:
         if self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
         self._warnings.__exit__(*exc)
-        _power._host, _power.track_ = self._saved
-        _power._back = self._back
+        _krylov._host, _krylov.track_ = self._saved
+        _krylov._back = self._back
         self.counts["cuda"] = sum("synchroniz" in str(w.message) for w in self._caught)
         self.counts["dispatch"] = len(self.mode.ops) + (self.counts["reads"] if self.device.type == "cpu" else 0)
         self.ops = self.mode.ops

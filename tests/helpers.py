@@ -165,12 +165,12 @@ class DeviceWaits(TorchDispatchMode):
     copies to the host, when an input is device data, and copies from pageable host memory.
 
     On the CPU, with one device, "host data" is what the test marks in ``host`` (what
-    ``_power._host`` returned) and what was computed from host data alone; an op with any
+    ``_krylov._host`` returned) and what was computed from host data alone; an op with any
     other tensor input counts as a device op (on a GPU, the host data would have been copied
     there first): what a GPU would wait for, less the copies back to it, which the CPU cannot
     tell from no copy.  ``mixed`` records the ops that got host data (not a 0-dim scalar)
     beside device data: a device mismatch on a GPU, unless the host data went through
-    ``_power._back`` (with :meth:`moved` in its place)."""
+    ``_krylov._back`` (with :meth:`moved` in its place)."""
 
     WAITS = {"_local_scalar_dense", "linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "_linalg_svd",
              "linalg_cholesky", "linalg_inv_ex", "linalg_solve_ex", "_linalg_solve_ex", "nonzero", "equal",
@@ -184,7 +184,7 @@ class DeviceWaits(TorchDispatchMode):
         self.mixed: list[str] = []  # ops given host and device data: on a GPU, an error
 
     def moved(self, back):
-        """``_power._back`` as the host-to-device copy it is on a GPU: its result is device
+        """``_krylov._back`` as the host-to-device copy it is on a GPU: its result is device
         data (on the CPU it can be its input itself)."""
         def moved(x, like):
             y = back(x, like).clone()

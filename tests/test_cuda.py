@@ -56,7 +56,7 @@ def test_a_reconvergence_under_cuda_autocast(api, monkeypatch):
     """As tests/test_precision.py's CPU test, where autocast also runs ``mv`` in float16: the
     content check is computed in the weight's dtype, so a second autocast forward finds
     nothing to re-converge."""
-    from safe_norm import _power
+    from safe_norm import _krylov
 
     ours, _ = APIS[api]
     torch.manual_seed(0)
@@ -69,8 +69,8 @@ def test_a_reconvergence_under_cuda_autocast(api, monkeypatch):
         m.eval()(x)
     assert rel(used_sigma(m), exact_sigma(weight.cpu())) < 1e-4
     calls = []
-    warm_up = _power.warm_up_
-    monkeypatch.setattr(_power, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
+    warm_up = _krylov.warm_up_
+    monkeypatch.setattr(_krylov, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
     with torch.autocast("cuda", dtype=torch.float16):
         m(x)
     assert not calls
@@ -82,7 +82,7 @@ def test_a_tracked_step_synchronises_once_per_check_on_cuda(api, monkeypatch):
     checks (the copy back to the device goes through pinned memory, without waiting)."""
     import warnings
 
-    from safe_norm import _power
+    from safe_norm import _krylov
 
     ours, _ = APIS[api]
     torch.manual_seed(0)
@@ -92,14 +92,14 @@ def test_a_tracked_step_synchronises_once_per_check_on_cuda(api, monkeypatch):
     for _ in range(2):
         net(x).square().mean().backward()
     checks = []
-    track = _power.track_
+    track = _krylov.track_
 
     def counted(*args, **kwargs):
         found = track(*args, **kwargs)
         checks.append(found.checks)
         return found
 
-    monkeypatch.setattr(_power, "track_", counted)
+    monkeypatch.setattr(_krylov, "track_", counted)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm as UpstreamSpectralNorm
 
 import safe_norm
-from safe_norm import _core, _power
+from safe_norm import _core, _krylov, _power
 
 from .helpers import rel
 
@@ -47,7 +47,7 @@ def test_warm_up_reaches_its_tolerance_and_keeps_the_invariant(h, w, dtype, path
     u, v = _random_uv(W)
     u_ptr, v_ptr = u.data_ptr(), v.data_ptr()
     exact_side = None if path == "exact" else 0
-    result = _power.warm_up_(W, u, v, tol=1e-4, exact_side=exact_side)
+    result = _krylov.warm_up_(W, u, v, tol=1e-4, exact_side=exact_side)
     assert result.error_estimate <= 1e-4
     assert _sigma_error(W, u, v) < 1e-4
     assert u.data_ptr() == u_ptr and v.data_ptr() == v_ptr and u.dtype == v.dtype == dtype
@@ -61,7 +61,7 @@ def test_warm_up_is_exact_for_thin_matrices(path):
     for shape in [(1, 50), (50, 1), (3, 400), (400, 3), (1, 1)]:
         W = torch.randn(*shape, dtype=torch.float64)
         u, v = _random_uv(W)
-        result = _power.warm_up_(W, u, v, tol=1e-4, exact_side=None if path == "exact" else 0)
+        result = _krylov.warm_up_(W, u, v, tol=1e-4, exact_side=None if path == "exact" else 0)
         assert result.steps <= min(shape)
         assert _sigma_error(W, u, v) < 1e-12
 
@@ -72,7 +72,7 @@ def test_small_sides_are_solved_exactly():
     torch.manual_seed(12)
     W = nn.Conv2d(3, 64, 4).weight.detach().flatten(1)
     u, v = _random_uv(W)
-    assert _power.warm_up_(W, u, v, tol=1e-4).steps == 0  # the exact path
+    assert _krylov.warm_up_(W, u, v, tol=1e-4).steps == 0  # the exact path
     assert _sigma_error(W, u, v) < 10 * torch.finfo(torch.float32).eps
 
 
@@ -88,7 +88,7 @@ def test_lanczos_reaches_the_tolerance_over_many_seeds(factory):
         W = factory().weight.detach()
         W = W.flatten(1) if W.dim() > 2 else W
         u, v = _random_uv(W)
-        _power.warm_up_(W, u, v, tol=1e-4)
+        _krylov.warm_up_(W, u, v, tol=1e-4)
         assert _sigma_error(W, u, v) < 1e-4, seed
 
 
@@ -99,7 +99,7 @@ def test_warm_up_on_clustered_spectrum_float32():
     u, v = _random_uv(W)
     u15, v15 = u.clone(), v.clone()
     _power.power_iteration_(W, u15, v15, 15, 1e-12)  # upstream parametrization's warm-up
-    result = _power.warm_up_(W, u, v, tol=1e-4)
+    result = _krylov.warm_up_(W, u, v, tol=1e-4)
     assert _sigma_error(W, u15, v15) > 5e-3
     assert _sigma_error(W, u, v) < 1e-4
     assert result.steps < 60  # bounded cost: about as many mat-vec pairs as 60 power iterations
@@ -112,7 +112,7 @@ def test_tighter_tolerance_costs_more_steps_and_is_met():
     steps = []
     for tol in (1e-2, 1e-6):
         u, v = (t.clone() for t in start)
-        steps.append(_power.warm_up_(W, u, v, tol=tol).steps)
+        steps.append(_krylov.warm_up_(W, u, v, tol=tol).steps)
         assert _sigma_error(W, u, v) < tol
     assert steps[0] < steps[1]
 
@@ -121,7 +121,7 @@ def test_warm_up_draws_no_random_numbers():
     W = torch.randn(64, 32)
     u, v = _random_uv(W)
     state = torch.random.get_rng_state()
-    _power.warm_up_(W, u, v, tol=1e-6)
+    _krylov.warm_up_(W, u, v, tol=1e-6)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
@@ -129,7 +129,7 @@ def test_warm_up_leaves_vectors_alone_on_a_zero_or_nan_weight():
     for W in (torch.zeros(5, 4), torch.full((5, 4), float("nan"))):
         u, v = _random_uv(W)
         u0, v0 = u.clone(), v.clone()
-        _power.warm_up_(W, u, v, tol=1e-4)
+        _krylov.warm_up_(W, u, v, tol=1e-4)
         assert torch.equal(u, u0) and torch.equal(v, v0)
 
 
@@ -137,7 +137,7 @@ def test_warm_up_of_rank_deficient_weight():
     a, b = torch.randn(30, 1, dtype=torch.float64), torch.randn(1, 20, dtype=torch.float64)
     W = a @ b + torch.outer(torch.randn(30, dtype=torch.float64), torch.randn(20, dtype=torch.float64))
     u, v = _random_uv(W)
-    _power.warm_up_(W, u, v, tol=1e-8)
+    _krylov.warm_up_(W, u, v, tol=1e-8)
     assert _sigma_error(W, u, v) < 1e-8
 
 
@@ -145,7 +145,7 @@ def test_warm_up_of_rank_deficient_weight():
 def test_complex_power_step_and_warm_up(dtype):
     W = torch.randn(7, 9, dtype=dtype)
     u, v = _random_uv(W)
-    _power.warm_up_(W, u, v, tol=1e-6)
+    _krylov.warm_up_(W, u, v, tol=1e-6)
     exact = torch.linalg.matrix_norm(W.to(torch.complex128), 2).item()
     s = _power.sigma(W, u, v)
     assert abs(s.imag.item()) < 1e-4 * exact and rel(s.real.item(), exact) < 1e-5
@@ -154,7 +154,7 @@ def test_complex_power_step_and_warm_up(dtype):
 def test_half_precision_weight_warms_up_in_float32():
     W = torch.randn(40, 30).to(torch.bfloat16)
     u, v = _random_uv(W)
-    _power.warm_up_(W, u, v, tol=1e-4)
+    _krylov.warm_up_(W, u, v, tol=1e-4)
     assert u.dtype == v.dtype == torch.bfloat16
     assert _sigma_error(W, u, v) < 1e-2  # bfloat16 storage of u, v: 8 bits of mantissa
 
@@ -163,7 +163,7 @@ def test_max_steps_bounds_the_work_and_reports_the_error():
     torch.manual_seed(0)
     W = nn.Linear(512, 512).weight.detach()
     u, v = _random_uv(W)
-    result = _power.warm_up_(W, u, v, tol=1e-8, max_steps=3)
+    result = _krylov.warm_up_(W, u, v, tol=1e-8, max_steps=3)
     assert result.steps == 3 and result.error_estimate > 1e-8
 
 
@@ -172,11 +172,11 @@ def test_warm_up_keeps_vectors_that_are_already_good_enough():
     torch.manual_seed(0)
     W = nn.Linear(300, 200).weight.detach()
     u, v = _random_uv(W)
-    _power.warm_up_(W, u, v, tol=1e-4)
+    _krylov.warm_up_(W, u, v, tol=1e-4)
     u0, v0 = u.clone(), v.clone()
-    _power.warm_up_(W.clone(), u, v, tol=1e-4)
+    _krylov.warm_up_(W.clone(), u, v, tol=1e-4)
     assert torch.equal(u, u0) and torch.equal(v, v0)
-    _power.warm_up_(W * torch.linspace(0.5, 2, 300), u, v, tol=1e-4)  # a real change
+    _krylov.warm_up_(W * torch.linspace(0.5, 2, 300), u, v, tol=1e-4)  # a real change
     assert not torch.equal(v, v0)
 
 

@@ -82,7 +82,7 @@ def test_a_reconvergence_under_cpu_autocast(api, shape, monkeypatch):
     the re-convergence runs in the weight's dtype (it raised a dtype mismatch in ``addmv``),
     and a second autocast forward finds nothing to re-converge (CPU autocast leaves ``mv`` in
     float32; tests/test_cuda.py checks the content product where CUDA's would not)."""
-    from safe_norm import _power
+    from safe_norm import _krylov
 
     ours, _ = APIS[api]
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def test_a_reconvergence_under_cpu_autocast(api, shape, monkeypatch):
         m.eval()(x)
     assert rel(used_sigma(m), exact_sigma(weight)) < 1e-4
     calls = []
-    warm_up = _power.warm_up_
-    monkeypatch.setattr(_power, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
+    warm_up = _krylov.warm_up_
+    monkeypatch.setattr(_krylov, "warm_up_", lambda *a, **k: calls.append(1) or warm_up(*a, **k))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(x)
     m(x)

@@ -123,7 +123,7 @@ def test_ema_reconvergence_after_a_small_update_is_cheap(api, shape):
     # the generator being trained: near the EMA copy, as a few optimizer steps leave it
     target = _orig(m).detach() + torch.randn(shape[1], shape[0]) * 0.1 * _orig(m).detach().std()
     view = _view(m)
-    cold = safe_norm._power.warm_up_(_orig(m).detach().clone(), torch.randn(shape[1]), torch.randn(shape[0]),
+    cold = safe_norm._krylov.warm_up_(_orig(m).detach().clone(), torch.randn(shape[1]), torch.randn(shape[0]),
                                      tol=TOL, exact_side=0)
     warm_steps = []
     for _ in range(5):

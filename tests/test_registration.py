@@ -41,15 +41,15 @@ def test_sigma_is_valid_right_after_registration_big(api, layer):
 @pytest.mark.parametrize("shape", [(1024, 1024), (256, 512)])
 def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch):
     """The warm-up's Lanczos reads its coefficients at checks only, a few steps apart, one host
-    read each (``_power._host``); besides them a registration waits for the device a fixed
+    read each (``_krylov._host``); besides them a registration waits for the device a fixed
     few times (the weight's finiteness, the vectors' norms), whatever its steps.  And what the
     host computed goes back to the device before it meets device data."""
-    from safe_norm import _power
+    from safe_norm import _krylov
 
     from .helpers import DeviceWaits
 
     mode, reads, checks, steps = DeviceWaits(), [], [], []
-    host, ritz, lanczos = _power._host, _power._top_ritz_pair, _power._golub_kahan
+    host, ritz, lanczos = _krylov._host, _krylov._top_ritz_pair, _krylov._golub_kahan
 
     def counted_host(x):
         reads.append(x.shape)
@@ -57,10 +57,10 @@ def test_a_registration_reads_the_device_once_per_check(api, shape, monkeypatch)
         mode.host[y] = True
         return y
 
-    monkeypatch.setattr(_power, "_host", counted_host)
-    monkeypatch.setattr(_power, "_back", mode.moved(_power._back))
-    monkeypatch.setattr(_power, "_top_ritz_pair", lambda *a: checks.append(1) or ritz(*a))
-    monkeypatch.setattr(_power, "_golub_kahan", lambda *a, **k: (r := lanczos(*a, **k), steps.append(r.steps))[0])
+    monkeypatch.setattr(_krylov, "_host", counted_host)
+    monkeypatch.setattr(_krylov, "_back", mode.moved(_krylov._back))
+    monkeypatch.setattr(_krylov, "_top_ritz_pair", lambda *a: checks.append(1) or ritz(*a))
+    monkeypatch.setattr(_krylov, "_golub_kahan", lambda *a, **k: (r := lanczos(*a, **k), steps.append(r.steps))[0])
     ours, _ = APIS[api]
     torch.manual_seed(0)
     with mode:

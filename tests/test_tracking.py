@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from safe_norm import _core, _power
+from safe_norm import _core, _krylov
 
 from .helpers import APIS, DeviceWaits, roundtrip, sn_state
 
@@ -70,7 +70,7 @@ def train_errors(api: str, model, tol: float | None, steps: int, seed: int = 0, 
         weights = [sn_state(m)[0].detach().clone() for m in layers]
         out = net(torch.cat([real, fake]))
         for m, W in zip(layers, weights):
-            if krylov_only and min(W.flatten(1).shape) <= _power.TRACK_EXACT_SIDE:
+            if krylov_only and min(W.flatten(1).shape) <= _krylov.TRACK_EXACT_SIDE:
                 continue  # solved exactly: counted in the worst-case test only
             errors.append(_used_error(m, W))
         loss = torch.relu(1 - out[:16]).mean() + torch.relu(1 + out[16:]).mean()
@@ -105,15 +105,15 @@ def _met_at_the_fewest_blocks(monkeypatch) -> list[bool]:
     """Cap tracked steps at the fewest blocks a check takes; returns the list that then records
     whether each step's check met its target."""
     met: list[bool] = []
-    track = _power.track_
+    track = _krylov.track_
 
     def recorded(*args, **kwargs):
         found = track(*args, **kwargs)
         met.append(found.met)
         return found
 
-    monkeypatch.setattr(_power, "track_", recorded)
-    monkeypatch.setattr(_power, "MAX_TRACK_BLOCKS", _power.MIN_CHECK)
+    monkeypatch.setattr(_krylov, "track_", recorded)
+    monkeypatch.setattr(_krylov, "MAX_TRACK_BLOCKS", _krylov.MIN_CHECK)
     return met
 
 
@@ -126,7 +126,7 @@ def test_a_level_crossing_is_missed_with_a_single_kept_vector(api, monkeypatch):
     met = _met_at_the_fewest_blocks(monkeypatch)
     test_a_level_crossing_is_followed(api)
     assert all(met[-4:])  # the crossing steps, once the neighbours are known: no new solve
-    monkeypatch.setattr(_power, "TRACK_BLOCK", 1)
+    monkeypatch.setattr(_krylov, "TRACK_BLOCK", 1)
     with pytest.raises(AssertionError, match="crossing missed"):
         test_a_level_crossing_is_followed(api)
 
@@ -270,14 +270,14 @@ def test_compiles_without_graph_breaks(api):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("tol", [1e-4, 1e-6])
 def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
-    """The stopping test reads the device once per check (``_power._host``): once per layer
+    """The stopping test reads the device once per check (``_krylov._host``): once per layer
     and step where the first check meets the target, once more for each further check;
     nothing else waits for the device."""
     mode = DeviceWaits()
     reads = []  # those of tracked steps (a warm-up's Lanczos reads at its own checks)
     outcomes = []
     tracking = []
-    track, host = _power.track_, _power._host
+    track, host = _krylov.track_, _krylov._host
 
     def counted_host(x):
         if tracking:
@@ -300,9 +300,9 @@ def test_one_host_synchronisation_per_tracked_forward(api, tol, monkeypatch):
             return tracked(*args)
 
     tracked = _core._tracked
-    monkeypatch.setattr(_power, "_host", counted_host)
-    monkeypatch.setattr(_power, "_back", mode.moved(_power._back))
-    monkeypatch.setattr(_power, "track_", recorded_track)
+    monkeypatch.setattr(_krylov, "_host", counted_host)
+    monkeypatch.setattr(_krylov, "_back", mode.moved(_krylov._back))
+    monkeypatch.setattr(_krylov, "track_", recorded_track)
     monkeypatch.setattr(_core, "_tracked", watched)
     train_errors(api, _mlp, tol, steps=30)
     assert mode.ops == []
@@ -325,35 +325,35 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
     top Ritz value (so stopping at half the tolerance leaves room); after one block it can be
     far below it."""
     ratios: dict[int, float] = {}
-    track = _power.track_
+    track = _krylov.track_
 
     def replayed(W, u, v, tol, *, blocks, basis):
         A = W.detach().double()
-        if basis is not None and min(A.shape) > _power.TRACK_EXACT_SIDE:
+        if basis is not None and min(A.shape) > _krylov.TRACK_EXACT_SIDE:
             wide = A.size(1) > A.size(0)
             A32 = W.detach().float().contiguous()
             A32 = A32.mT if wide else A32
             start = (u if wide else v).float().reshape(1, -1)
-            K = _power._krylov(A32, start, basis, 8)
-            M = _power._projections(K, 8 * _power.TRACK_BLOCK)
+            K = _krylov._krylov(A32, start, basis, 8)
+            M = _krylov._projections(K, 8 * _krylov.TRACK_BLOCK)
             A = A.mT if wide else A
             exact = torch.linalg.matrix_norm(A, 2).item() ** 2
             for k in range(1, 9):
-                d = k * _power.TRACK_BLOCK
-                ritz = _power._ritz(M, d)
+                d = k * _krylov.TRACK_BLOCK
+                ritz = _krylov._ritz(M, d)
                 # the error of the top Ritz vector's own Rayleigh quotient (what track_ returns,
                 # but for its final float32 product), in float64
                 right = ritz[2][:, 0] @ K.S[:d].double()
                 error = (1 - (A @ right).square().sum().item() / right.square().sum().item() / exact) / 2
                 if error > 1e-7:  # above float32's rounding of the basis
-                    ratios[k] = max(ratios.get(k, 0.0), error / _power._bound(ritz))
+                    ratios[k] = max(ratios.get(k, 0.0), error / _krylov._bound(ritz))
         return track(W, u, v, tol, blocks=blocks, basis=basis)
 
-    monkeypatch.setattr(_power, "track_", replayed)
+    monkeypatch.setattr(_krylov, "track_", replayed)
     for model in (_mlp, _conv_d, _wide_mlp):
         train_errors("hook", model, 1e-4, steps=40)
-    assert all(ratios[k] <= 1 for k in ratios if k >= _power.MIN_CHECK), ratios
-    assert max(ratios[k] for k in range(1, _power.MIN_CHECK)) > 1, ratios
+    assert all(ratios[k] <= 1 for k in ratios if k >= _krylov.MIN_CHECK), ratios
+    assert max(ratios[k] for k in range(1, _krylov.MIN_CHECK)) > 1, ratios
 
 
 def _exact(W: torch.Tensor) -> float:
@@ -503,12 +503,12 @@ def test_a_step_its_krylov_space_cannot_vouch_for_is_solved_anew(api, monkeypatc
 
 @pytest.mark.parametrize("api", APIS)
 def test_a_new_solve_that_misses_too_warns_every_time(api, monkeypatch):
-    solve = _power.warm_up_
+    solve = _krylov.warm_up_
 
     def short(*args, **kwargs):
         return solve(*args, **kwargs)._replace(error_estimate=1.0)  # as if it had stopped short
 
-    monkeypatch.setattr(_power, "warm_up_", short)
+    monkeypatch.setattr(_krylov, "warm_up_", short)
     with pytest.warns(UserWarning, match="tracking") as caught:
         met, _ = _not_met_steps(api, monkeypatch)
     tracking = [w for w in caught if "tracking" in str(w.message)]  # not the registration's
