@@ -334,19 +334,20 @@ def test_the_bound_over_states_the_error_from_the_fewest_blocks_a_check_takes(mo
             A32 = W.detach().float().contiguous()
             A32 = A32.mT if wide else A32
             start = (u if wide else v).float().reshape(1, -1)
-            K = _krylov._krylov(A32, start, basis, 8)
-            M = _krylov._projections(K, 8 * _krylov.TRACK_BLOCK)
+            K = _krylov.Bidiagonalisation(A32, torch.cat([start, basis[1:]]), 8)
+            K.extend(8)
+            (C,) = K.coefficients(8)
             A = A.mT if wide else A
             exact = torch.linalg.matrix_norm(A, 2).item() ** 2
             for k in range(1, 9):
                 d = k * _krylov.TRACK_BLOCK
-                ritz = _krylov._ritz(M, d)
-                # the error of the top Ritz vector's own Rayleigh quotient (what track_ returns,
-                # but for its final float32 product), in float64
-                right = ritz[2][:, 0] @ K.S[:d].double()
+                ritz = _krylov.ritz(C, k)
+                # the error of the top Ritz vector's own Rayleigh quotient (what track_ returns),
+                # in float64
+                right = ritz.coordinates[:, 0] @ K.V[:d].double()
                 error = (1 - (A @ right).square().sum().item() / right.square().sum().item() / exact) / 2
                 if error > 1e-7:  # above float32's rounding of the basis
-                    ratios[k] = max(ratios.get(k, 0.0), error / _krylov._bound(ritz))
+                    ratios[k] = max(ratios.get(k, 0.0), error / _krylov.bound(ritz))
         return track(W, u, v, tol, blocks=blocks, basis=basis)
 
     monkeypatch.setattr(_krylov, "track_", replayed)

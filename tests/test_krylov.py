@@ -1,0 +1,111 @@
+"""The Krylov engine of safe_norm._krylov (block Golub-Kahan-Lanczos), against exact float64
+references: its bases, its bidiagonal factors, the Ritz pairs and residuals read from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safe_norm import _krylov
+
+
+def _run(shape, b, steps, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*shape, generator=g, dtype=dtype)
+    K = _krylov.Bidiagonalisation(A, torch.randn(b, shape[1], generator=g, dtype=dtype), steps)
+    K.extend(steps)
+    (C,) = K.coefficients(steps)
+    return A, K, C
+
+
+def _block_bidiagonal(C, d):
+    """B from the factors, written out independently of ritz(): R_j on the diagonal, L_j^H
+    above it."""
+    b = C.size(-1)
+    B = torch.zeros(d * b, d * b, dtype=C.dtype)
+    for j in range(d):
+        B[j * b:(j + 1) * b, j * b:(j + 1) * b] = C[0, j]
+        if j + 1 < d:
+            B[j * b:(j + 1) * b, (j + 1) * b:(j + 2) * b] = C[1, j].mH
+    return B
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
+def test_bases_are_orthonormal_and_bidiagonalise_A(shape, b, dtype):
+    """``A 𝒱 = 𝒰 B`` and ``Aᴴ 𝒰 = 𝒱 Bᴴ + V_{k+1} L_k E_kᵀ`` with orthonormal bases, for one
+    vector and for blocks, real and complex."""
+    steps = 5
+    A, K, C = _run(shape, b, steps, dtype)
+    d = steps * b
+    V, U = K.V[:d].mT, K.U[:d].mT  # columns
+    eye = torch.eye(d, dtype=dtype)
+    assert torch.allclose(V.mH @ V, eye, atol=1e-12) and torch.allclose(U.mH @ U, eye, atol=1e-12)
+    B = _block_bidiagonal(C, steps).to(dtype)  # one vector's factors are norms: real
+    assert torch.allclose(A @ V, U @ B, atol=1e-10)
+    tail = K.V[d:d + b].mT @ C[1, steps - 1].to(dtype)  # V_{k+1} L_k, on the last block's columns
+    expected = V @ B.mH
+    expected[:, d - b:] += tail
+    assert torch.allclose(A.mH @ U, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("b", [1, 4])
+def test_ritz_pairs_and_residuals_are_those_of_the_basis(b, dtype):
+    """Each Ritz value is ``‖A ṽ‖`` of its own vector, the residual read from the factors is
+    ``‖Aᴴ ũ - σ̃ ṽ‖`` computed outright, and no Ritz value exceeds the exact sigma_1."""
+    steps = 4
+    A, K, C = _run((60, 50), b, steps, dtype, seed=1)
+    exact = torch.linalg.matrix_norm(A, 2).item()
+    for d in range(1, steps + 1):
+        found = _krylov.ritz(C, d)
+        assert found is not None
+        assert found.values[0].item() <= exact * (1 + 1e-12)
+        right = found.coordinates.mT.to(dtype) @ K.V[: d * b]  # rows: the right Ritz vectors
+        for i in range(d * b):
+            v = right[i]
+            assert abs(v.norm().item() - 1) < 1e-10
+            Av = A @ v
+            sigma = found.values[i].item()
+            assert abs(Av.norm().item() - sigma) < 1e-9 * exact
+            if sigma > 1e-6 * exact:
+                residual = (A.mH @ (Av / sigma) - sigma * v).norm().item()
+                assert abs(residual - found.residuals[i].item()) < 1e-9 * exact, (d, i)
+
+
+def test_the_top_ritz_value_converges_and_the_bound_holds():
+    """From a block of 4 on a 200x150 matrix, the bound read at each step is at least the true
+    error once it is below 1e-2, and the error falls to rounding."""
+    A, K, C = _run((200, 150), 4, 20, torch.float64, seed=2)
+    exact = torch.linalg.matrix_norm(A, 2).item()
+    errors = []
+    for d in range(2, 21):
+        found = _krylov.ritz(C, d)
+        error = 1 - found.values[0].item() / exact
+        errors.append(error)
+        if _krylov.bound(found) < 1e-2:
+            assert error <= _krylov.bound(found) + 1e-14
+    assert errors[-1] < 1e-10 and errors[0] > errors[-1]
+
+
+def test_growing_the_buffers_keeps_what_was_built():
+    """Steps added after the buffers were made (a tracked step that checks and goes on) give the
+    same basis and factors as building them all at once."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(80, 70, generator=g, dtype=torch.float64)
+    start = torch.randn(4, 70, generator=g, dtype=torch.float64)
+    once = _krylov.Bidiagonalisation(A, start, 9)
+    once.extend(9)
+    grown = _krylov.Bidiagonalisation(A, start, 3)
+    grown.extend(3)
+    grown.extend(6)
+    grown.extend(9)
+    assert torch.equal(once.V, grown.V) and torch.equal(once.U, grown.U) and torch.equal(once.C, grown.C)
+
+
+def test_non_finite_factors_give_no_ritz_pairs():
+    A, K, C = _run((30, 20), 2, 3, torch.float64)
+    C = C.clone()
+    C[0, 1, 0, 0] = float("nan")
+    assert _krylov.ritz(C, 3) is None and _krylov.bound(None) == float("inf")
