@@ -3,6 +3,8 @@ references: its bases, its bidiagonal factors, the Ritz pairs and residuals read
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -109,3 +111,24 @@ def test_non_finite_factors_give_no_ritz_pairs():
     C = C.clone()
     C[0, 1, 0, 0] = float("nan")
     assert _krylov.ritz(C, 3) is None and _krylov.bound(None) == float("inf")
+
+
+def test_a_check_after_one_without_a_bound_is_scheduled():
+    """The bound is ``inf`` where no gap is resolved yet (early checks of a re-convergence from
+    vectors of a nearby weight); the next check's schedule cannot take a rate from it."""
+    assert 1 <= _krylov._next_check(4, 1e-3, (2, math.inf), 1e-5) <= 2
+    assert _krylov._next_check(16, 1e-3, (8, 1e-2), 1e-5) == 2  # the rate, capped at k // 8
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8])
+def test_reconvergence_from_converged_vectors_after_a_small_change(steps):
+    """An EMA-sized change, then a warm-up from the old vectors: within the tolerance."""
+    torch.manual_seed(0)
+    W = torch.randn(300, 200)
+    u, v = torch.randn(300), torch.randn(200)
+    _krylov.warm_up_(W, u, v, tol=1e-4)
+    W2 = W + 1e-3 * W.norm() / 300 * torch.randn_like(W)
+    found = _krylov.warm_up_(W2, u, v, tol=1e-4, warm_steps=steps, reconverge=True)
+    exact = torch.linalg.matrix_norm(W2.double(), 2).item()
+    assert found.error_estimate <= 1e-4
+    assert abs(torch.dot(u.double(), W2.double() @ v.double()).item() / exact - 1) < 1e-4
