@@ -15,6 +15,7 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _compat
@@ -216,8 +217,11 @@ class Bidiagonalisation:
     def __init__(self, A: Tensor | Map, start: Tensor, capacity: int) -> None:
         self.A, self.b, self.steps = A, start.size(0), 0
         self._room(capacity)
+        # one vector's products, the transpose made once: one op less to dispatch per step
+        self._products = (A.mv, A.rmv) if isinstance(A, Map) else (partial(torch.mv, A), partial(torch.mv, A.mH))
+        self._tiny = torch.finfo(self.C.dtype).tiny
         if self.b == 1:
-            norm = start.norm().to(self.C.dtype).clamp_min(torch.finfo(self.C.dtype).tiny)
+            norm = start.norm().to(self.C.dtype).clamp_min(self._tiny)
             torch.div(start[0].to(self.V.dtype), norm, out=self._v[0])
         else:
             self.V[: self.b] = _orthonormal(start.to(self.V.dtype))[0]
@@ -249,12 +253,7 @@ class Bidiagonalisation:
         self._room(steps)
         A, b = self.A, self.b
         if b == 1:
-            if isinstance(A, Map):
-                mv, rmv = A.mv, A.rmv
-            else:
-                # the transpose made once: one op less to dispatch per step
-                mv, rmv = partial(torch.mv, A), partial(torch.mv, A.mH)
-            tiny = torch.finfo(self.C.dtype).tiny
+            (mv, rmv), tiny = self._products, self._tiny
             V, U, vt, ut, vs, us = self.V, self.U, self._vt, self._ut, self._v, self._u
             # The three-term recurrence's subtractions (β u_{j-1} from p, α v_j from q) are
             # left to the full re-orthogonalisation, which removes those components too.
@@ -278,6 +277,8 @@ class Bidiagonalisation:
     def coefficients(self, steps: int, *also: Tensor) -> list[Tensor]:
         """The factors of the first ``steps`` steps (``[2, steps, b, b]``) and the tensors
         ``also``, on the host: one read for all."""
+        if not also:
+            return [_host(self.C[:, :steps])]
         parts = [self.C[:, :steps], *also]
         flat = _host(torch.cat([x.reshape(-1).to(self.C.dtype) for x in parts]))
         out, at = [], 0
@@ -292,8 +293,8 @@ class Ritz(NamedTuple):
     the Ritz singular values (descending), their residual norms ``‖Aᴴ ũ - σ̃ ṽ‖`` (``A ṽ = σ̃ ũ``
     holds exactly in the basis), and the right Ritz vectors' coordinates (columns)."""
 
-    values: Tensor
-    residuals: Tensor
+    values: list[float]
+    residuals: list[float]
     coordinates: Tensor
 
 
@@ -305,21 +306,28 @@ def ritz(C: Tensor, d: int) -> Ritz | None:
     ``B = P Σ Qᴴ``, ``Aᴴ 𝒰 p_i = σ_i 𝒱 q_i + V_{d+1} L_d p_i`` (``p_i``'s last block): the residual
     of the i-th triplet is ``‖L_d p_i‖``."""
     b = C.size(-1)
-    wide = torch.complex128 if C.is_complex() else torch.float64
-    C = C.to(wide)
-    if not bool(C[:, :d].isfinite().all()):
-        return None
-    B = C.new_zeros(d * b, d * b)  # on the host, as C
-    for j in range(d):
-        B[j * b : (j + 1) * b, j * b : (j + 1) * b] = C[0, j]
-        if j + 1 < d:
-            B[j * b : (j + 1) * b, (j + 1) * b : (j + 2) * b] = C[1, j].mH
+    C = C.to(torch.complex128 if C.is_complex() else torch.float64)
+    # a few ops, not a loop over blocks (a check of a one-vector solve 40 steps long would
+    # dispatch ~400 more); the blocks above the diagonal are the next block row's, shifted
+    if b == 1:
+        B = torch.diag(C[0, :d, 0, 0]) + torch.diag(C[1, : d - 1, 0, 0].conj(), 1)
+    else:
+        B = torch.block_diag(*C[0, :d].unbind(0))
+        if d > 1:
+            B = B + F.pad(torch.block_diag(*C[1, : d - 1].mH.unbind(0)), (b, 0, 0, b))
     try:
         P, S, Qh = torch.linalg.svd(B)
-    except torch.linalg.LinAlgError:
+    except torch.linalg.LinAlgError:  # non-finite factors
         return None
-    residuals = torch.linalg.vector_norm(C[1, d - 1] @ P[(d - 1) * b :], dim=0)
-    return Ritz(S, residuals, Qh.mH)
+    values = S.tolist()  # lists: the host's arithmetic on them dispatches no ops
+    if not all(math.isfinite(x) for x in values):
+        return None
+    if b == 1:  # |β_d| |p_i|, on lists: two ops fewer than the product and norm below
+        beta = abs(C[1, d - 1, 0, 0].item())
+        residuals = [beta * abs(p) for p in P[-1].tolist()]
+    else:
+        residuals = torch.linalg.vector_norm(C[1, d - 1] @ P[(d - 1) * b :], dim=0).tolist()
+    return Ritz(values, residuals, Qh.mH)
 
 
 def bound(found: Ritz | None, raise_next: bool = True) -> float:
@@ -327,8 +335,8 @@ def bound(found: Ritz | None, raise_next: bool = True) -> float:
     ``σ̃²``, residuals ``σ̃ r``); ``inf`` where there is none."""
     if found is None or not found.values[0] > 0:
         return math.inf
-    theta = found.values.square()
-    return _cluster_bound(theta.tolist(), (theta * found.residuals.square()).tolist(), raise_next)
+    theta = [s * s for s in found.values]
+    return _cluster_bound(theta, [t * r * r for t, r in zip(theta, found.residuals)], raise_next)
 
 
 #: The fastest rate per block :func:`_more_blocks` believes: a bound read after one or two
@@ -451,9 +459,9 @@ def track_(
         # The bound is not monotone; a smaller basis that met it vouches for the whole one's
         # top pair (whose value is larger), unless that value shows it wrong (a direction the
         # smaller basis missed).  The smallest one that met it is where the next step checks.
-        top = now.values[0].item() ** 2
+        top = now.values[0] ** 2
         passed = [k for k in size if size[k] >= MIN_CHECK and bound_at(k) <= target
-                  and (top / found[size[k]].values[0].item() ** 2 - 1) / 2 <= bound_at(k)]  # type: ignore[union-attr]
+                  and (top / found[size[k]].values[0] ** 2 - 1) / 2 <= bound_at(k)]  # type: ignore[union-attr]
         if passed or blocks == cap:
             break
         more = _more_blocks(bound_at(blocks), bound_at(blocks - 1), target, cap - blocks)
@@ -504,6 +512,8 @@ def _cluster_bound(theta: list[float], r2: list[float], raise_next: bool = True)
     total = 0.0
     for k in range(1, len(theta)):
         total += r2[k - 1]
+        if total >= best * theta[0]:
+            break  # every later term is at least total / theta[0]: none can be smaller
         gap = theta[k - 1] - theta[k] - (math.sqrt(r2[k]) if raise_next else 0.0)
         if gap > 0:
             best = min(best, total / gap)
@@ -789,7 +799,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         found = ritz(C, k)
         if found is None:
             return None
-        s1, residual = found.values[0].item(), found.residuals[0].item() / found.values[0].item()
+        s1, residual = found.values[0], found.residuals[0] / found.values[0]
         # The second Ritz value stands in for sigma_2 unraised: from vectors converged for a
         # nearby weight (an EMA step), the top pair converges in 2-4 steps while the second is
         # still rough, and the raised bound, claiming no gap, sent every such re-convergence
