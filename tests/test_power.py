@@ -1,4 +1,5 @@
-"""The shared maths in safe_norm._power, against exact float64 references."""
+"""The shared maths in safe_norm._power (the training step) and the warm-up of
+safe_norm._krylov, against exact float64 references."""
 
 from __future__ import annotations
 
