@@ -330,13 +330,13 @@ def ritz(C: Tensor, d: int) -> Ritz | None:
     return Ritz(values, residuals, Qh.mH)
 
 
-def bound(found: Ritz | None, raise_next: bool = True) -> float:
+def bound(found: Ritz | None, one_vector: bool = False) -> float:
     """:func:`_cluster_bound` of a :func:`ritz` result (the eigenpairs of ``AᴴA``: values
     ``σ̃²``, residuals ``σ̃ r``); ``inf`` where there is none."""
     if found is None or not found.values[0] > 0:
         return math.inf
     theta = [s * s for s in found.values]
-    return _cluster_bound(theta, [t * r * r for t, r in zip(theta, found.residuals)], raise_next)
+    return _cluster_bound(theta, [t * r * r for t, r in zip(theta, found.residuals)], one_vector)
 
 
 #: The fastest rate per block :func:`_more_blocks` believes: a bound read after one or two
@@ -360,8 +360,13 @@ def _more_blocks(error: float, before: float, target: float, room: int) -> int:
 def _take(right: Tensor, left: Tensor, u: Tensor, v: Tensor, transposed: bool) -> Tensor:
     """Write ``u``, ``v`` from a right vector of ``A`` and ``left = A right`` (``A = Wᴴ`` for a wide
     ``W``) and return sigma, ``‖left‖ / ‖right‖``."""
-    length = right.norm()
-    sigma = left.norm() / length
+    # Norms in float64: the weight is used unscaled here (no pass over it to read its
+    # magnitude, as the warm-up's), and float32 squares under- or overflow where its entries
+    # lie below ~1e-19 or above ~1e19 (seen: a 400x300 layer of sigma 1.8e-22 tracked 71 %
+    # low with its bound met, sigma 0 and NaN vectors at 1.8e-23).
+    wide = torch.promote_types(right.dtype, torch.float64)
+    length = torch.linalg.vector_norm(right, dtype=wide)
+    sigma = torch.linalg.vector_norm(left, dtype=wide) / length
     right, left = (right / length).flatten(), (left / (sigma * length)).flatten()
     u.copy_(right if transposed else left)
     v.copy_(left if transposed else right)
@@ -431,7 +436,10 @@ def track_(
     checks = 0
     while True:
         V = K.V[: blocks * TRACK_BLOCK]
-        C, P = K.coefficients(blocks, V.conj() @ V.mT)  # the one host synchronisation of a check
+        # VᴴV in float64: under TF32 (a GPU's matmul setting) a float32 product was off by
+        # ~1e-4 at n = 129-512 (emulated), and blocks would count as not orthonormal
+        wide = V.to(torch.promote_types(V.dtype, torch.float64))
+        C, P = K.coefficients(blocks, wide.conj() @ wide.mT)  # the one host synchronisation of a check
         checks += 1
         # Only the blocks the basis holds orthonormal count: past an invariant subspace (a
         # degenerate top: an orthogonal init) what the projections leave of a block is
@@ -494,7 +502,7 @@ def _orthonormal_blocks(P: Tensor) -> int:
     return columns // TRACK_BLOCK
 
 
-def _cluster_bound(theta: list[float], r2: list[float], raise_next: bool = True) -> float:
+def _cluster_bound(theta: list[float], r2: list[float], one_vector: bool = False) -> float:
     """Bound on the relative error of ``sqrt(theta[0])`` as ``σ₁``, from the Rayleigh-Ritz
     values ``theta`` (eigenvalues of the projected ``WᴴW``, descending) and the squared
     residual norms ``r2`` of their Ritz vectors.
@@ -505,16 +513,21 @@ def _cluster_bound(theta: list[float], r2: list[float], raise_next: bool = True)
     converged may hide a larger value, such as a direction that is overtaking the top one (a
     level crossing), and then no bound is claimed across it.  ``k = 1`` is the usual gap bound;
     a larger ``k`` takes a cluster of nearly equal top values as one.  Halved for sigma,
-    relative.  Without ``raise_next`` the next Ritz value stands in as it is (one vector's
-    solve, whose second Ritz pair is still rough when the top one has converged).
+    relative.
+
+    ``one_vector``: the solve of one vector, whose Krylov space does not resolve a cluster (a
+    singular value it has not separated yet can sit inside one: taking sigma_2 and sigma_3 as a
+    cluster, a constructed case stopped at a bound of 3.7e-8 with an error of 2.0e-3, where
+    ``k = 1`` alone ran on to 1e-10), and whose second Ritz pair is still rough when the top
+    one has converged: ``k = 1`` only, the next Ritz value standing in unraised.
     """
     best = math.inf
     total = 0.0
-    for k in range(1, len(theta)):
+    for k in range(1, 2 if one_vector else len(theta)):
         total += r2[k - 1]
         if total >= best * theta[0]:
             break  # every later term is at least total / theta[0]: none can be smaller
-        gap = theta[k - 1] - theta[k] - (math.sqrt(r2[k]) if raise_next else 0.0)
+        gap = theta[k - 1] - theta[k] - (0.0 if one_vector else math.sqrt(r2[k]))
         if gap > 0:
             best = min(best, total / gap)
     return 0.5 * best / theta[0]
@@ -800,14 +813,15 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         if found is None:
             return None
         s1, residual = found.values[0], found.residuals[0] / found.values[0]
-        # The second Ritz value stands in for sigma_2 unraised: from vectors converged for a
-        # nearby weight (an EMA step), the top pair converges in 2-4 steps while the second is
-        # still rough, and the raised bound, claiming no gap, sent every such re-convergence
-        # on to a cold solve (the EMA benchmark's update + forward: 1.25x -> 1.62-1.69x upstream's).
-        # SAFETY was measured for this form.  One Ritz value (the first step, or a space of one
-        # dimension): sigma_2 taken as 0.  A Ritz pair is also within its residual of a
-        # singular value: where that is the smaller, it counts.
-        error = min(residual, bound(found, raise_next=False) if k > 1 else 0.5 * residual**2)
+        # The one-vector bound (see _cluster_bound): the second Ritz value stands in for
+        # sigma_2 unraised.  From vectors converged for a nearby weight (an EMA step) the top
+        # pair converges in 2-4 steps while the second is still rough, and the raised bound,
+        # claiming no gap, sent every such re-convergence on to a cold solve (the EMA
+        # benchmark's update + forward: 1.25x -> 1.62-1.69x upstream's).  SAFETY was measured
+        # for this form.  One Ritz value (the first step, or a space of one dimension):
+        # sigma_2 taken as 0.  A Ritz pair is also within its residual of a singular value:
+        # where that is the smaller, it counts.
+        error = min(residual, bound(found, one_vector=True) if k > 1 else 0.5 * residual**2)
         # The bound counts only once the residual itself is within tolerance: where sigma_1
         # and sigma_2 lie closer than one vector's Krylov space resolves, the Ritz value mixes
         # both, the second Ritz value stands for sigma_3, and the bound understates the error
