@@ -217,10 +217,10 @@ class Bidiagonalisation:
     def __init__(self, A: Tensor | Map, start: Tensor, capacity: int) -> None:
         self.A, self.b, self.steps = A, start.size(0), 0
         self._room(capacity)
-        # one vector's products, the transpose made once: one op less to dispatch per step
-        self._products = (A.mv, A.rmv) if isinstance(A, Map) else (partial(torch.mv, A), partial(torch.mv, A.mH))
         self._tiny = torch.finfo(self.C.dtype).tiny
         if self.b == 1:
+            # one vector's products, the transpose made once: one op less to dispatch per step
+            self._products = (A.mv, A.rmv) if isinstance(A, Map) else (partial(torch.mv, A), partial(torch.mv, A.mH))
             norm = start.norm().to(self.C.dtype).clamp_min(self._tiny)
             torch.div(start[0].to(self.V.dtype), norm, out=self._v[0])
         else:
