@@ -761,7 +761,9 @@ def _lanczos_top(
     return new_v, found.ritz, WarmUp(found.steps, found.error)
 
 
-class _Ritz(NamedTuple):
+class _TopPair(NamedTuple):
+    """What a one-vector solve found (not :class:`Ritz`, the pairs of a basis)."""
+
     right: Tensor  # top right singular vector estimate of A (unit)
     ritz: float  # the top Ritz value: the estimate of sigma_1(A)
     error: float  # bound on its relative error
@@ -780,7 +782,7 @@ def _next_check(k: int, error: float, before: tuple[int, float] | None, target: 
 
 
 def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
-                 first_check: int = FIRST_CHECK) -> _Ritz | None:
+                 first_check: int = FIRST_CHECK) -> _TopPair | None:
     """Golub–Kahan–Lanczos (a :class:`Bidiagonalisation` of one vector) of ``A`` (a matrix, or
     a :class:`Map`: a linear map given by its products) from ``start`` (right side), until the
     error bound of the top Ritz value is within ``tol``.
@@ -834,7 +836,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         # Not at the first step: its bound has no second Ritz value and takes sigma_2 as 0.
         if (k > 1 and error <= tol * SAFETY) or exhausted or check == k_max:
             top = _back(found.coordinates[:, 0], K.V)  # computed on the host
-            return _Ritz(top @ K.V[:k], s1, error, k)
+            return _TopPair(top @ K.V[:k], s1, error, k)
         check = min(k + _next_check(k, error, before, tol * SAFETY), k_max)
         before = (k, error)
 
