@@ -288,22 +288,23 @@ def _warm_up(state: State, view: View, u: Tensor, v: Tensor, Wr: Tensor) -> _kry
                            warm_steps=steps, reconverge=isinstance(ref, Tensor))
 
 
-def _normalise(view: View, sigma: Tensor | None) -> Tensor:
+def _normalise(view: View, sigma: Tensor | None, fused: bool | None = None) -> Tensor:
     # The graph (if any) is built on clones: a later power step writes the buffers in place.
     u = view.u.clone(memory_format=torch.contiguous_format)
     v = view.v.clone(memory_format=torch.contiguous_format)
-    return _power.normalise(view.weight, u, v, sigma, view.dim, view.coeff, view.op)
+    return _power.normalise(view.weight, u, v, sigma, view.dim, view.coeff, view.op, fused)
 
 
 def _normalised(view: View, training: bool) -> Tensor:
     """Upstream's forward: a power step in training, then ``W / (uᴴ W v)``."""
     sigma = None  # in eval, normalise computes it where it needs it (once, with its graph or not)
+    fused = _power.takes_sigma(view.weight, view.op)
     if training:
         sigma = _power.power_iteration_(
             view.linear(), view.u, view.v, view.n_power_iterations, view.eps, u_first=view.u_first,
-            estimate=_power.takes_sigma(view.weight, view.op),
+            estimate=fused,
         )
-    return _normalise(view, sigma)
+    return _normalise(view, sigma, fused)
 
 
 def _tracked(state: State, view: View) -> Tensor:
