@@ -339,22 +339,23 @@ def bound(found: Ritz | None, one_vector: bool = False) -> float:
     return _cluster_bound(theta, [t * r * r for t, r in zip(theta, found.residuals)], one_vector)
 
 
-#: The fastest rate per block :func:`_more_blocks` believes: a bound read after one or two
-#: blocks can fall 10-20x in a block and then slow to 0.5-0.8x per block (1024x1024 layers
+def _steps_to(target: float, error: float, before: float, span: int, most: int, fastest: float = 0.0) -> int:
+    """Steps (Lanczos steps, or blocks) to add before the next check, where the bound is at
+    ``error``, above ``target``, and was at ``before`` ``span`` steps earlier: that fall's rate
+    per step (no faster than ``fastest``), extrapolated to ``target``, at least 1 and at most
+    ``most``.  Krylov methods converge faster as they go, so this predicts too many rather
+    than too few.  Where there is no fall to extrapolate (the bound was not defined earlier,
+    was 0 there, or did not fall), ``most``.  The one check schedule of every solve."""
+    if not 0 < error < before < math.inf:
+        return most
+    rate = math.log(max(error / before, fastest)) / span
+    return max(1, min(most, math.ceil(math.log(target / error) / rate)))
+
+
+#: The fastest rate per block a tracked step's schedule believes: a bound read after one or
+#: two blocks can fall 10-20x in a block and then slow to 0.5-0.8x per block (1024x1024 layers
 #: under Adam); extrapolating the early fall stopped 30x short of the tolerance.
 FASTEST_RATE = 0.5
-
-
-def _more_blocks(error: float, before: float, target: float, room: int) -> int:
-    """Blocks to add before the next check, after a check that found the bound at ``error``
-    (``before`` one block earlier) above ``target``: the last block's ratio (no faster than
-    :data:`FASTEST_RATE`), extrapolated.  Block Krylov converges faster as it goes, so this
-    predicts too many rather than too few.  Without a ratio below 1 (the bound was not defined
-    a block earlier, was 0 there, or did not fall), up to the cap."""
-    ratio = max(error / before, FASTEST_RATE) if 0 < before < math.inf else math.inf
-    if not ratio < 1:
-        return room
-    return min(room, max(1, math.ceil(math.log(target / error) / math.log(ratio))))
 
 
 def _take(right: Tensor, left: Tensor, u: Tensor, v: Tensor, transposed: bool) -> Tensor:
@@ -412,23 +413,19 @@ def track_(
         A = A.mH
     n = A.size(1)
     if n <= TRACK_EXACT_SIDE:
-        # exact: the top eigenvector of the small Gram matrix (a few kept vectors would span a
-        # good part of this space anyway, and a direction outside them can overtake)
-        wide = A.to(torch.promote_types(work, torch.float64))
-        wide = wide.dense() if isinstance(wide, Map) else wide
-        pairs = _eigh_descending(_host(wide.mH @ wide))
-        if pairs is None or not pairs[0][0] > 0:
+        # exact (a few kept vectors would span a good part of this space anyway, and a
+        # direction outside them can overtake)
+        exact = _exact_top(A.dense() if isinstance(A, Map) else A)
+        if exact is None:
             return None
-        right = _back(pairs[1][:, :1].mT, A)
+        right = exact[0].reshape(1, n).to(A.dtype)
         sigma = _take(right, _times(A, right), u, v, transposed)
         return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, 1, True)
     target = min(tol, TRACK_LOOSEST) * TRACK_SAFETY
     cap = min(MAX_TRACK_BLOCKS, n // TRACK_BLOCK)  # a Krylov space no larger than the space
     start = (u if transposed else v).to(work).reshape(1, n)
     if basis is None or basis.shape != (TRACK_BLOCK, n) or basis.device != A.device:
-        generator = torch.Generator(A.device).manual_seed(START_SEED)
-        basis = torch.randn(n, TRACK_BLOCK, generator=generator, device=A.device,
-                            dtype=A.dtype if isinstance(A, Map) else A.real.dtype).mT
+        basis = fixed_draw((n, TRACK_BLOCK), like=start).mT
         blocks = max(blocks, FRESH_BLOCKS)
     blocks = min(max(blocks, MIN_CHECK), cap)
     K = Bidiagonalisation(A, torch.cat([start, basis[1:].to(start)]), blocks)
@@ -472,8 +469,7 @@ def track_(
                   and (top / found[size[k]].values[0] ** 2 - 1) / 2 <= bound_at(k)]  # type: ignore[union-attr]
         if passed or blocks == cap:
             break
-        more = _more_blocks(bound_at(blocks), bound_at(blocks - 1), target, cap - blocks)
-        blocks += more
+        blocks += _steps_to(target, bound_at(blocks), bound_at(blocks - 1), 1, cap - blocks, FASTEST_RATE)
         K.extend(blocks)
     Y = _back(now.coordinates[:, :TRACK_BLOCK].mT, K.V)  # coordinates, a row per Ritz vector
     right = Y @ K.V[: Y.size(1)]
@@ -701,11 +697,12 @@ def max_abs(W: Tensor) -> Tensor:
 #: runs with (a start drawn from the stream the weight was drawn from is correlated with it).
 START_SEED = 0x5AFE_5EED
 
-def fixed_draw(n: int, like: Tensor) -> Tensor:
-    """A dense random vector of length ``n`` in ``like``'s dtype and device, the same at every
-    call: drawn from a private generator, so the caller's random stream is left as it is."""
+def fixed_draw(shape: int | tuple[int, ...], like: Tensor) -> Tensor:
+    """A dense random tensor of ``shape`` (a vector of that length for an int) in ``like``'s
+    dtype and device, the same at every call: drawn (real) from a private generator, so the
+    caller's random stream is left as it is."""
     generator = torch.Generator(like.device).manual_seed(START_SEED)
-    draw = torch.randn(n, generator=generator, device=like.device, dtype=like.real.dtype)
+    draw = torch.randn(shape, generator=generator, device=like.device, dtype=like.real.dtype)
     return draw.to(like.dtype)
 
 
@@ -723,17 +720,19 @@ WARM_STEPS = 8
 
 
 def _exact_top(W: Tensor) -> tuple[Tensor, float, WarmUp] | None:
-    """(top right singular vector, sigma, WarmUp) from the eigendecomposition of the small
-    Gram matrix, in float64 (complex128 for complex weights)."""
-    A = W.detach().to(torch.complex128 if W.is_complex() else torch.float64)  # finite: see warm_up_
+    """(top right singular vector, sigma, WarmUp) from the eigendecomposition of the Gram
+    matrix of ``W``'s shorter side, in float64 (complex128 for complex weights), solved on the
+    host; the vector on ``W``'s device, in that dtype, of length sigma where it is mapped from
+    the left side.  ``None`` where ``W`` is zero or not finite: the exact solve of the warm-up
+    and of a tracked step."""
+    A = W.detach().to(torch.promote_types(W.dtype, torch.float64))
     left = A.size(0) <= A.size(1)
-    gram = A @ A.mH if left else A.mH @ A
-    values, vectors = torch.linalg.eigh(gram)
-    if not values[-1] > 0:
+    pairs = _eigh_descending(_host(A @ A.mH if left else A.mH @ A))
+    if pairs is None or not pairs[0][0] > 0:
         return None
-    top = vectors[:, -1]
+    top = _back(pairs[1][:, 0], A)
     new_v = A.mH @ top if left else top  # left: W's top left vector, mapped to the right
-    return new_v, values[-1].sqrt().item(), WarmUp(0, 0.0)
+    return new_v, math.sqrt(pairs[0][0].item()), WarmUp(0, 0.0)
 
 
 def _lanczos_top(
@@ -770,26 +769,16 @@ class _TopPair(NamedTuple):
     steps: int
 
 
-def _next_check(k: int, error: float, before: tuple[int, float] | None, target: float) -> int:
-    """Steps until the next check: what the bound's rate since the last check predicts (it
-    converges faster and faster, so the prediction errs long), at most an eighth of the steps
-    so far (overshoot is bounded by it) and at least one."""
-    most = max(2, k // 8)
-    if before is not None and 0 < error < before[1] < math.inf:
-        rate = math.log(error / before[1]) / (k - before[0])
-        return max(1, min(most, math.ceil(math.log(target / error) / rate)))
-    return most
-
-
 def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
                  first_check: int = FIRST_CHECK) -> _TopPair | None:
     """Golub–Kahan–Lanczos (a :class:`Bidiagonalisation` of one vector) of ``A`` (a matrix, or
     a :class:`Map`: a linear map given by its products) from ``start`` (right side), until the
     error bound of the top Ritz value is within ``tol``.
 
-    The bound is read at ``first_check`` steps and then where :func:`_next_check` says (one
-    host synchronisation per check, none per step: on a CPU the check's small SVD costs as much
-    as a step's products on a 512x512 weight).  Checking later than the first step that would
+    The bound is read at ``first_check`` steps and then where :func:`_steps_to` says, at most
+    an eighth of the steps so far later (overshoot is bounded by it; one host synchronisation
+    per check, none per step: on a CPU the check's small SVD costs as much as a step's products
+    on a 512x512 weight).  Checking later than the first step that would
     have met it can only add steps.  ``None`` when ``A`` maps ``start`` to zero (or to
     non-finite values).
 
@@ -801,7 +790,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
     if k_max < 1:
         return None
     K = Bidiagonalisation(A, start.reshape(1, -1), k_max)
-    check, before = min(max(first_check, 2), k_max), None
+    check, before = min(max(first_check, 2), k_max), (0, math.inf)  # (steps, bound) at the last check
     while True:
         K.extend(check)
         (C,) = K.coefficients(check)  # the one synchronisation of this check
@@ -837,7 +826,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         if (k > 1 and error <= tol * SAFETY) or exhausted or check == k_max:
             top = _back(found.coordinates[:, 0], K.V)  # computed on the host
             return _TopPair(top @ K.V[:k], s1, error, k)
-        check = min(k + _next_check(k, error, before, tol * SAFETY), k_max)
+        check = min(k + _steps_to(tol * SAFETY, error, before[1], k - before[0], max(2, k // 8)), k_max)
         before = (k, error)
 
 

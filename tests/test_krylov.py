@@ -116,8 +116,11 @@ def test_non_finite_factors_give_no_ritz_pairs():
 def test_a_check_after_one_without_a_bound_is_scheduled():
     """The bound is ``inf`` where no gap is resolved yet (early checks of a re-convergence from
     vectors of a nearby weight); the next check's schedule cannot take a rate from it."""
-    assert 1 <= _krylov._next_check(4, 1e-3, (2, math.inf), 1e-5) <= 2
-    assert _krylov._next_check(16, 1e-3, (8, 1e-2), 1e-5) == 2  # the rate, capped at k // 8
+    assert _krylov._steps_to(1e-5, 1e-3, math.inf, 2, 2) == 2  # no rate: the most
+    assert _krylov._steps_to(1e-5, 1e-3, 1e-2, 8, 2) == 2  # the rate (16 steps), capped
+    assert _krylov._steps_to(1e-5, 1e-3, 1e-2, 8, 100) == 16
+    assert _krylov._steps_to(1e-5, 1e-3, 1e-1, 1, 100, fastest=0.5) == 7  # no faster than 0.5
+    assert _krylov._steps_to(1e-5, 1e-3, 1e-3, 1, 100) == 100  # no fall: the most
 
 
 @pytest.mark.parametrize("steps", [1, 2, 8])
