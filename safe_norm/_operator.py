@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from functools import partial
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -324,56 +323,32 @@ def _multiple(lengths: Sequence[int], stride: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def _lanczos(apply, adjoint, n: int, device: torch.device, upper: float, tol: float,
-             max_steps: int) -> tuple[float, int]:
-    """Golub-Kahan-Lanczos on the operator, float64, full re-orthogonalisation, from a fixed
-    draw.  The Ritz values are those of ``U_kᴴ A`` (the k x (k+1) bidiagonal with the last
-    beta), exact once the left vectors span the output space.  Stops where the top one is
+def _lanczos(A: _power.Map, upper: float, tol: float, max_steps: int) -> tuple[float, int]:
+    """Golub-Kahan-Lanczos on the operator (the Krylov engine's, one vector, float64 here) from
+    a fixed draw.  The Ritz values are those of ``U_kᴴ A`` (the k x (k+1) bidiagonal with the
+    last beta), exact once the left vectors span the output space.  Stops where the top one is
     within ``tol`` of ``upper`` (the certificate is then as tight as asked), where it grew by
     less than ``tol * STALL`` over the last :data:`STALL_STEPS` steps, where the Krylov space is
     spent, or at ``max_steps``.  Returns ``‖A x‖ / ‖x‖`` for its top Ritz vector ``x``, computed
     anew (a value the operator attains), and the steps."""
-    generator = torch.Generator().manual_seed(_krylov.START_SEED)
-    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
-    V = torch.zeros(max_steps + 1, n, dtype=torch.float64, device=device)  # right vectors, rows
-    V[0] = v / v.norm()
-    U = V[:0]  # left vectors, rows: allocated at the first product (the output's size)
-    alphas: list[float] = []
-    betas: list[float] = []
+    K = _krylov.Bidiagonalisation(A, _krylov.fixed_draw((1, A.size(1)), like=A.weight), max_steps)
     history: list[float] = []
     top = torch.ones(1, dtype=torch.float64)  # coordinates of the top Ritz vector in V
     for j in range(max_steps):
-        p = apply(V[j])
-        if j == 0:
-            U = torch.zeros(max_steps, p.numel(), dtype=torch.float64, device=device)  # left vectors
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to rounding
-            p -= U[:j].mT @ (U[:j] @ p)
-        alpha = p.norm()
-        if not alpha > 1e-14 * (history[-1] if history else 1.0):
+        K.extend(j + 1)
+        (C,) = K.coefficients(j + 1)  # a read per step: this is a measurement, not a forward
+        alphas, betas = C[0, :, 0, 0], C[1, :, 0, 0]
+        if not alphas[j].item() > 1e-14 * (history[-1] if history else 1.0):
             break  # the output space is spent: the last Ritz values are exact
-        U[j] = p / alpha
-        q = adjoint(U[j])
-        for _ in range(2):
-            q -= V[: j + 1].mT @ (V[: j + 1] @ q)
-        beta = q.norm()
-        alphas.append(alpha.item())
-        betas.append(beta.item())
-        k = len(alphas)
-        bidiagonal = torch.zeros(k, k + 1, dtype=torch.float64)
-        bidiagonal[range(k), range(k)] = torch.tensor(alphas, dtype=torch.float64)
-        bidiagonal[range(k), range(1, k + 1)] = torch.tensor(betas, dtype=torch.float64)
-        _, S, Qh = torch.linalg.svd(bidiagonal)
-        spent = not beta > 1e-14 * S[0].item()
-        if not spent:
-            V[j + 1] = q / beta
-        top = Qh[0]
+        _, S, Qh = torch.linalg.svd(F.pad(torch.diag(alphas), (0, 1)) + F.pad(torch.diag(betas), (1, 0)))
         history.append(S[0].item())
+        spent = not betas[j].item() > 1e-14 * history[-1]
+        top = Qh[0, : j + 1] if spent else Qh[0]  # spent: no next vector to count
         if spent or history[-1] >= upper / (1 + tol) or (
                 len(history) > STALL_STEPS and history[-1] <= history[-1 - STALL_STEPS] * (1 + tol * STALL)):
             break
-    x = V[: top.numel()].mT @ top.to(device)  # once, for the Ritz vector kept
-    image = apply(x)
-    return (image.norm() / x.norm()).item(), len(history)
+    x = _krylov._back(top, K.V) @ K.V[: top.numel()]  # once, for the Ritz vector kept
+    return (A.mv(x).norm() / x.norm()).item(), len(history)
 
 
 #: The estimate's Lanczos stops where its top value grew by less than ``tol * STALL`` (relative)
@@ -430,7 +405,6 @@ def measure(layer: nn.Module, W: Tensor, input_shape: Sequence[int], tol: float,
     upper = _upper(layer, d, transposed, W, op.in_shape[1:])
     outputs, inputs = op.shape
     steps = min(max_steps, inputs, outputs + 1)
-    estimate, taken = _lanczos(partial(op.apply, wide), partial(op.adjoint, wide), inputs, W.device, upper, tol,
-                               steps)
+    estimate, taken = _lanczos(_power.Map(op, wide), upper, tol, steps)
     reshaped = torch.linalg.matrix_norm(_power.weight_to_matrix(wide, 1 if transposed else 0), 2).item()
     return OperatorNorm(estimate, upper, reshaped, taken)
