@@ -44,7 +44,7 @@ MAX_WARMUP_STEPS = 128
 #: The error bound below stands the second Ritz value in for sigma_2, which under-states the
 #: gap early on: stopping at the bare bound let 2-3 % of 400 seeded default-initialised layers
 #: stop with errors up to 5e-3 for a tolerance of 1e-4; stopping at a tenth of it left none
-#: above 1.6e-5, for a few more steps (tests/test_power.py sweeps this).
+#: above 1.6e-5, for a few more steps (tests/test_krylov.py sweeps this).
 SAFETY = 0.1
 
 #: The warm-up's first check of the bound, in Lanczos steps: from a random start a default-
@@ -714,7 +714,7 @@ def fixed_draw(shape: int | tuple[int, ...], like: Tensor) -> Tensor:
 WARM_CHANGE = 1e-2
 
 #: Lanczos steps a re-convergence after a small change tries from the current vectors before a
-#: cold solve (tests/test_power.py sweeps update sizes; after an EMA step 2 usually suffice).
+#: cold solve (tests/test_krylov.py sweeps update sizes; after an EMA step 2 usually suffice).
 WARM_STEPS = 8
 
 
