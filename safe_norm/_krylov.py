@@ -166,19 +166,6 @@ def _orthonormal(X: Tensor, against: Tensor | None = None) -> tuple[Tensor, Tens
     return X, factor
 
 
-def _eigh_descending(G: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Eigenpairs of the Hermitian ``G`` in float64, largest first; ``None`` for a matrix with
-    NaN or inf (a non-finite weight: the caller falls back to upstream's step, whose result is
-    NaN as upstream's).  Only ever called on the host (it synchronises on a GPU)."""
-    try:
-        values, vectors = torch.linalg.eigh(G.to(torch.promote_types(G.dtype, torch.float64)))
-    except torch.linalg.LinAlgError:
-        return None
-    if not bool(values.isfinite().all()):
-        return None
-    return values.flip(0), vectors.flip(1)
-
-
 def _times(A: Tensor | Map, X: Tensor) -> Tensor:
     """The vectors ``X`` holds as rows, each multiplied by ``A``, as rows.  Rows keep the
     product running along ``W``'s contiguous rows whichever way ``A`` is oriented (one CPU
@@ -222,7 +209,7 @@ class Bidiagonalisation:
             # one vector's products, the transpose made once: one op less to dispatch per step
             self._products = (A.mv, A.rmv) if isinstance(A, Map) else (partial(torch.mv, A), partial(torch.mv, A.mH))
             norm = start.norm().to(self.C.dtype).clamp_min(self._tiny)
-            torch.div(start[0].to(self.V.dtype), norm, out=self._v[0])
+            torch.div(start[0].to(self.V.dtype), norm, out=self.V[0])
         else:
             self.V[: self.b] = _orthonormal(start.to(self.V.dtype))[0]
 
@@ -243,16 +230,31 @@ class Bidiagonalisation:
         self.V, self.U, self.C, self.capacity = V, U, C, capacity
         # Views made once (rows, coefficients, transposes): an index or a transpose per step is
         # one more op to dispatch, and on layers up to ~512 wide the ops' dispatch, not their
-        # arithmetic, is what a step costs.
+        # arithmetic, is what a step costs.  The rows' views as the steps reach them (_rows):
+        # made for the whole capacity (128 steps, ~30 used at registration) they cost ~0.2 ms.
         self._vt, self._ut = V.mT, U.mT
-        self._v, self._u = V.unbind(0), U.unbind(0)
-        self._alpha, self._beta = (c[:, 0, 0].unbind(0) for c in C.unbind(0))
+        self._v: list[Tensor] = []
+        self._u: list[Tensor] = []
+        self._alpha: list[Tensor] = []
+        self._beta: list[Tensor] = []
+
+    def _rows(self, steps: int) -> None:
+        """Views of the rows and coefficients of at least the first ``steps`` steps (one
+        vector), a few ops for all the new ones: twice as many as made before, at most the
+        capacity (a solve extends its basis at every check)."""
+        if len(self._u) >= steps:
+            return
+        steps = min(self.capacity, max(steps, 2 * len(self._u)))
+        for views, rows in ((self._v, self.V[: steps + 1]), (self._u, self.U[:steps]),
+                            (self._alpha, self.C[0, :steps, 0, 0]), (self._beta, self.C[1, :steps, 0, 0])):
+            views.extend(rows[len(views):].unbind(0))
 
     def extend(self, steps: int) -> None:
         """Steps up to ``steps`` in all (buffers grown if needed)."""
         self._room(steps)
         A, b = self.A, self.b
         if b == 1:
+            self._rows(steps)
             (mv, rmv), tiny = self._products, self._tiny
             V, U, vt, ut, vs, us = self.V, self.U, self._vt, self._ut, self._v, self._u
             # The three-term recurrence's subtractions (β u_{j-1} from p, α v_j from q) are
@@ -727,12 +729,16 @@ def _exact_top(W: Tensor) -> tuple[Tensor, float, WarmUp] | None:
     and of a tracked step."""
     A = W.detach().to(torch.promote_types(W.dtype, torch.float64))
     left = A.size(0) <= A.size(1)
-    pairs = _eigh_descending(_host(A @ A.mH if left else A.mH @ A))
-    if pairs is None or not pairs[0][0] > 0:
+    try:  # on the host: an eigensolver synchronises with a GPU anyway
+        values, vectors = torch.linalg.eigh(_host(A @ A.mH if left else A.mH @ A))
+    except torch.linalg.LinAlgError:  # NaN or inf in W (a tracked step's weight can hold them)
         return None
-    top = _back(pairs[1][:, 0], A)
+    value = values[-1].item()
+    if not (value > 0 and math.isfinite(value)):  # zero, or NaN: not finite
+        return None
+    top = _back(vectors[:, -1], A)
     new_v = A.mH @ top if left else top  # left: W's top left vector, mapped to the right
-    return new_v, math.sqrt(pairs[0][0].item()), WarmUp(0, 0.0)
+    return new_v, math.sqrt(value), WarmUp(0, 0.0)
 
 
 def _lanczos_top(
