@@ -128,8 +128,9 @@ def _normalize_into_(x: Tensor, out: Tensor, eps: float) -> None:
 
 def sigma(W: Tensor | Map, u: Tensor, v: Tensor) -> Tensor:
     """The spectral-norm estimate ``uᴴ W v`` (differentiable in ``W``)."""
-    # dot for real vectors: vdot dispatches to it there, one call deeper
-    return (torch.vdot if u.is_complex() else torch.dot)(u, mv(W, v))
+    # dot for real vectors: vdot dispatches to it there, one call deeper (the dtype's flag:
+    # torch 2.1's dynamo breaks the graph on Tensor.is_complex())
+    return (torch.vdot if u.dtype.is_complex else torch.dot)(u, mv(W, v))
 
 
 def normalise(
