@@ -228,10 +228,11 @@ class Bidiagonalisation:
         if old is not None:
             V[: self.V.size(0)], U[: self.U.size(0)], C[:, : self.capacity] = self.V, self.U, self.C
         self.V, self.U, self.C, self.capacity = V, U, C, capacity
-        # Views made once (rows, coefficients, transposes): an index or a transpose per step is
-        # one more op to dispatch, and on layers up to ~512 wide the ops' dispatch, not their
-        # arithmetic, is what a step costs.  The rows' views as the steps reach them (_rows):
-        # made for the whole capacity (128 steps, ~30 used at registration) they cost ~0.2 ms.
+        # Views made once (the transposes here, the rows and coefficients in _rows): an index or
+        # a transpose per step is one more op to dispatch, and on layers up to ~512 wide the ops'
+        # dispatch, not their arithmetic, is what a step costs.  The rows' views are made as the
+        # steps reach them: made for the whole capacity (128 steps, ~30 used at registration)
+        # they cost ~0.1-0.2 ms a solve.
         self._vt, self._ut = V.mT, U.mT
         self._v: list[Tensor] = []
         self._u: list[Tensor] = []
@@ -417,10 +418,17 @@ def track_(
     if n <= TRACK_EXACT_SIDE:
         # exact (a few kept vectors would span a good part of this space anyway, and a
         # direction outside them can overtake)
-        exact = _exact_top(A.dense() if isinstance(A, Map) else A)
+        # a map's matrix in float64: where taps fall on the same input, its entries are sums
+        exact = _exact_top(A.to(torch.float64).dense() if isinstance(A, Map) else A)
         if exact is None:
             return None
-        right = exact[0].reshape(1, n).to(A.dtype)
+        right = exact[0]
+        if A.size(0) == n:
+            # square: solved on the left side, and mapped to the right at the length sigma;
+            # unit before the cast (at sigma ~1e-20 or 1e20 its float32 product underflowed
+            # or overflowed: NaN vectors)
+            right = right / exact[1]
+        right = right.reshape(1, n).to(A.dtype)
         sigma = _take(right, _times(A, right), u, v, transposed)
         return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, 1, True)
     target = min(tol, TRACK_LOOSEST) * TRACK_SAFETY
@@ -782,7 +790,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
     error bound of the top Ritz value is within ``tol``.
 
     The bound is read at ``first_check`` steps and then where :func:`_steps_to` says, at most
-    an eighth of the steps so far later (overshoot is bounded by it; one host synchronisation
+    ``max(2, k // 8)`` steps later after ``k`` steps (overshoot is bounded by it; one host synchronisation
     per check, none per step: on a CPU the check's small SVD costs as much as a step's products
     on a 512x512 weight).  Checking later than the first step that would
     have met it can only add steps.  ``None`` when ``A`` maps ``start`` to zero (or to
