@@ -110,19 +110,23 @@ def test_the_top_ritz_value_converges_and_the_bound_holds():
     assert errors[-1] < 1e-10 and errors[0] > errors[-1]
 
 
-def test_growing_the_buffers_keeps_what_was_built():
-    """Steps added after the buffers were made (a tracked step that checks and goes on) give the
-    same basis and factors as building them all at once."""
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("capacity", [3, 20])
+def test_growing_the_buffers_keeps_what_was_built(b, capacity):
+    """Steps added in several extends (a solve that checks and goes on), into buffers grown on
+    the way (capacity 3) or not (20; one vector: its rows' views made as the steps reach them),
+    give the same basis and factors as building them all at once."""
     g = torch.Generator().manual_seed(3)
     A = torch.randn(80, 70, generator=g, dtype=torch.float64)
-    start = torch.randn(4, 70, generator=g, dtype=torch.float64)
+    start = torch.randn(b, 70, generator=g, dtype=torch.float64)
     once = _krylov.Bidiagonalisation(A, start, 9)
     once.extend(9)
-    grown = _krylov.Bidiagonalisation(A, start, 3)
-    grown.extend(3)
-    grown.extend(6)
-    grown.extend(9)
-    assert torch.equal(once.V, grown.V) and torch.equal(once.U, grown.U) and torch.equal(once.C, grown.C)
+    grown = _krylov.Bidiagonalisation(A, start, capacity)
+    for steps in (2, 3, 6, 7, 9):
+        grown.extend(steps)
+    rows = slice(0, once.V.size(0))
+    assert torch.equal(once.V, grown.V[rows]) and torch.equal(once.U, grown.U[: once.U.size(0)])
+    assert torch.equal(once.C, grown.C[:, :9])
 
 
 def test_non_finite_factors_give_no_ritz_pairs():
