@@ -422,13 +422,9 @@ def track_(
         exact = _exact_top(A.to(torch.float64).dense() if isinstance(A, Map) else A)
         if exact is None:
             return None
-        right = exact[0]
-        if A.size(0) == n:
-            # square: solved on the left side, and mapped to the right at the length sigma;
-            # unit before the cast (at sigma ~1e-20 or 1e20 its float32 product underflowed
-            # or overflowed: NaN vectors)
-            right = right / exact[1]
-        right = right.reshape(1, n).to(A.dtype)
+        # unit before the cast: a square weight's vector is mapped from the left side at the
+        # length sigma (at sigma ~1e-20 or 1e20 its float32 product under- or overflowed)
+        right = _unit(exact[0]).reshape(1, n).to(A.dtype)
         sigma = _take(right, _times(A, right), u, v, transposed)
         return Tracked(sigma.to(u.dtype), 0, None, 0.0, 0, 1, True)
     target = min(tol, TRACK_LOOSEST) * TRACK_SAFETY
