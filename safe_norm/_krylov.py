@@ -47,10 +47,17 @@ MAX_WARMUP_STEPS = 128
 #: above 1.6e-5, for a few more steps (tests/test_krylov.py sweeps this).
 SAFETY = 0.1
 
-#: The warm-up's first check of the bound, in Lanczos steps: from a random start a default-
-#: initialised layer wider than :data:`EXACT_SIDE` takes 20-60 steps to 1e-4; from vectors
-#: converged for a slightly different weight (after an EMA step) 2 usually suffice.
-FIRST_CHECK = 8
+#: The warm-up's first check of the bound, in Lanczos steps, and the most steps between checks
+#: after ``k`` (``k // CHECK_SPREAD``, at least 2): from a random start a default-initialised
+#: layer wider than :data:`EXACT_SIDE` takes 20-60 steps to 1e-4; from vectors converged for a
+#: slightly different weight (after an EMA step) 2 usually suffice.  A check costs about one to
+#: three steps of a 256-1024-wide layer (an eigensolve of T, 0.1-0.2 ms).  Replayed over 70
+#: recorded one-vector solves (default-initialised 256x256 ... 2048x2048 and 256x1152 ...
+#: 1024x5120 weights, planted gaps of 1-50 %, a decaying spectrum; 6 seeds), steps times a
+#: step's cost plus checks times a check's came to 1.27x (at most 1.48x) a single check at the
+#: stopping step, with 4.2 checks on average; with 8 and ``k // 8``, 1.40x (1.67x) and 10.2.
+FIRST_CHECK = 12
+CHECK_SPREAD = 3
 FIRST_WARM_CHECK = 2
 
 
@@ -178,7 +185,8 @@ def _times(A: Tensor | Map, X: Tensor) -> Tensor:
 
 class Bidiagonalisation:
     """Block Golub-Kahan-Lanczos bidiagonalisation of ``A`` (a matrix or a :class:`Map`) with
-    full re-orthogonalisation: the one Krylov engine of the warm-up, re-convergence and tracking.
+    full re-orthogonalisation, and for one vector Lanczos on ``AᴴA``: the one Krylov engine of
+    the warm-up, re-convergence and tracking.
 
     From ``b`` orthonormalised start rows, step ``j`` makes the block ``U_j`` of ``A V_j``
     orthonormal to every earlier ``U``, and ``V_{j+1}`` of ``Aᴴ U_j`` orthonormal to every
@@ -192,8 +200,18 @@ class Bidiagonalisation:
     host synchronisation of a check).
 
     Rows hold the vectors (``V``: ``(k + 1) b x n``, ``U``: ``k b x m``): a block product then runs
-    along ``W``'s contiguous rows (:func:`_times`).  ``b = 1`` is Golub-Kahan-Lanczos, with norms
-    for the factors; wider blocks are orthonormalised by QR, twice (:func:`_orthonormal`).
+    along ``W``'s contiguous rows (:func:`_times`); wider blocks are orthonormalised by QR, twice
+    (:func:`_orthonormal`).
+
+    ``b = 1`` keeps no ``U``: step ``j`` multiplies ``v_j`` by ``A`` and then ``Aᴴ`` and makes the
+    result orthonormal to every earlier ``v`` (Lanczos on ``AᴴA``, ``AᴴA 𝒱 = 𝒱 T + β_k v_{k+1} e_kᵀ``
+    with ``T`` tridiagonal).  It is the same Krylov space, and ``T = BᴴB`` Golub-Kahan's: the same
+    Ritz pairs, now the eigenpairs of ``T``.  The factors kept are ``‖A v_j‖`` (``T``'s diagonal
+    is their square) and ``T``'s off-diagonal ``β_j``.  Half the ops of Golub-Kahan's step, whose
+    left basis also needs orthogonalising (8 against 20: on layers up to ~1024 wide a step's
+    cost is the ops' dispatch more than their arithmetic), and where the eigenvalues of ``AᴴA``
+    are ``σ²`` only the small ones lose accuracy (an absolute ``u ‖A‖²``), not the top ones
+    sought here.
     """
 
     V: Tensor
@@ -204,11 +222,10 @@ class Bidiagonalisation:
     def __init__(self, A: Tensor | Map, start: Tensor, capacity: int) -> None:
         self.A, self.b, self.steps = A, start.size(0), 0
         self._room(capacity)
-        self._tiny = torch.finfo(self.C.dtype).tiny
         if self.b == 1:
             # one vector's products, the transpose made once: one op less to dispatch per step
             self._products = (A.mv, A.rmv) if isinstance(A, Map) else (partial(torch.mv, A), partial(torch.mv, A.mH))
-            norm = start.norm().to(self.C.dtype).clamp_min(self._tiny)
+            norm = start.norm().to(self.C.dtype).clamp_min(torch.finfo(self.C.dtype).tiny)
             torch.div(start[0].to(self.V.dtype), norm, out=self.V[0])
         else:
             self.V[: self.b] = _orthonormal(start.to(self.V.dtype))[0]
@@ -221,34 +238,38 @@ class Bidiagonalisation:
             return
         A, b = self.A, self.b
         like = old if old is not None else torch.empty(0, dtype=A.dtype, device=A.device)
-        V = like.new_zeros((capacity + 1) * b, A.size(1), dtype=A.dtype)
-        U = like.new_zeros(capacity * b, A.size(0), dtype=A.dtype)
-        # b = 1: the norms, real; wider: the triangular factors, in A's dtype
+        # b = 1: whole groups of rows (ROWS_GROUP), the same products whatever the capacity
+        rows = -(-(capacity + 1) // ROWS_GROUP) * ROWS_GROUP if b == 1 else (capacity + 1) * b
+        V = like.new_zeros(rows, A.size(1), dtype=A.dtype)
+        U = like.new_zeros(0 if b == 1 else capacity * b, A.size(0), dtype=A.dtype)
+        # b = 1: norms and T's off-diagonal, real; wider: the triangular factors, in A's dtype
         C = like.new_zeros(2, capacity, b, b, dtype=V.real.dtype if b == 1 else V.dtype)
         if old is not None:
             V[: self.V.size(0)], U[: self.U.size(0)], C[:, : self.capacity] = self.V, self.U, self.C
         self.V, self.U, self.C, self.capacity = V, U, C, capacity
-        # Views made once (the transposes here, the rows and coefficients in _rows): an index or
-        # a transpose per step is one more op to dispatch, and on layers up to ~512 wide the ops'
-        # dispatch, not their arithmetic, is what a step costs.  The rows' views are made as the
-        # steps reach them: made for the whole capacity (128 steps, ~30 used at registration)
-        # they cost ~0.1-0.2 ms a solve.
-        self._vt, self._ut = V.mT, U.mT
+        # Views made once: an index, a slice or a transpose per step is one more op to dispatch,
+        # and on layers up to ~512 wide the ops' dispatch, not their arithmetic, is what a step
+        # costs.  They are made as the steps reach them (for the whole capacity, 128 steps where
+        # ~30 are used at registration, they cost ~0.1-0.2 ms a solve).
         self._v: list[Tensor] = []
-        self._u: list[Tensor] = []
         self._alpha: list[Tensor] = []
         self._beta: list[Tensor] = []
+        self._basis: list[tuple[Tensor, Tensor]] = []
 
     def _rows(self, steps: int) -> None:
         """Views of the rows and coefficients of at least the first ``steps`` steps (one
         vector), a few ops for all the new ones: twice as many as made before, at most the
-        capacity (a solve extends its basis at every check)."""
-        if len(self._u) >= steps:
+        capacity (a solve extends its basis at every check); and of the basis step ``j``
+        orthogonalises against, the first :data:`ROWS_GROUP` ``⌈(j + 1) / ROWS_GROUP⌉`` rows."""
+        if len(self._alpha) >= steps:
             return
-        steps = min(self.capacity, max(steps, 2 * len(self._u)))
-        for views, rows in ((self._v, self.V[: steps + 1]), (self._u, self.U[:steps]),
-                            (self._alpha, self.C[0, :steps, 0, 0]), (self._beta, self.C[1, :steps, 0, 0])):
+        steps = min(self.capacity, max(steps, 2 * len(self._alpha)))
+        for views, rows in ((self._v, self.V[: steps + 1]), (self._alpha, self.C[0, :steps, 0, 0]),
+                            (self._beta, self.C[1, :steps, 0, 0])):
             views.extend(rows[len(views):].unbind(0))
+        while len(self._basis) * ROWS_GROUP < steps:
+            rows = self.V[: (len(self._basis) + 1) * ROWS_GROUP]
+            self._basis.append((rows, rows.mT))
 
     def extend(self, steps: int) -> None:
         """Steps up to ``steps`` in all (buffers grown if needed)."""
@@ -256,20 +277,20 @@ class Bidiagonalisation:
         A, b = self.A, self.b
         if b == 1:
             self._rows(steps)
-            (mv, rmv), tiny = self._products, self._tiny
-            V, U, vt, ut, vs, us = self.V, self.U, self._vt, self._ut, self._v, self._u
-            # The three-term recurrence's subtractions (β u_{j-1} from p, α v_j from q) are
-            # left to the full re-orthogonalisation, which removes those components too.
+            (mv, rmv), vs, basis = self._products, self._v, self._basis
+            # The three-term recurrence's subtractions (alpha_j v_j, beta_{j-1} v_{j-1}) are left
+            # to the full re-orthogonalisation, which removes them too.  It runs against a few
+            # rows more than built (zeros: they change nothing) rather than slice the basis anew
+            # at every step.  A zero beta (the Krylov space spent) leaves NaN in the next row,
+            # and in every later factor: the checks read the steps before it (one op a step
+            # less than clamping the divisor).
             for j in range(self.steps, steps):
                 p = mv(vs[j])
-                if j:
-                    _orthogonalise_(p, U[:j], ut[:, :j])
                 torch.linalg.vector_norm(p, out=self._alpha[j])
-                torch.div(p, self._alpha[j].clamp_min(tiny), out=us[j])
-                q = rmv(us[j])
-                _orthogonalise_(q, V[: j + 1], vt[:, : j + 1])
+                q = rmv(p)
+                _orthogonalise_(q, *basis[j // ROWS_GROUP])
                 torch.linalg.vector_norm(q, out=self._beta[j])
-                torch.div(q, self._beta[j].clamp_min(tiny), out=vs[j + 1])
+                torch.div(q, self._beta[j], out=vs[j + 1])
         else:
             for j in range(self.steps, steps):
                 rows, after = slice(j * b, (j + 1) * b), slice((j + 1) * b, (j + 2) * b)
@@ -291,6 +312,11 @@ class Bidiagonalisation:
         return out
 
 
+#: One vector's solve orthogonalises against its basis in groups of this many rows, the rows
+#: not built yet (zeros) included: one pair of views per group, not one per step.
+ROWS_GROUP = 8
+
+
 class Ritz(NamedTuple):
     """Rayleigh-Ritz of ``AᴴA`` on the first ``d`` steps' basis, on the host, in float64:
     the Ritz singular values (descending), their residual norms ``‖Aᴴ ũ - σ̃ ṽ‖`` (``A ṽ = σ̃ ũ``
@@ -305,19 +331,19 @@ def ritz(C: Tensor, d: int) -> Ritz | None:
     """:class:`Ritz` of the first ``d`` steps of a :class:`Bidiagonalisation` whose factors
     (on the host) are ``C``; ``None`` if they are not finite.
 
-    ``B`` (``d b`` square) has the blocks ``R_j`` on its diagonal and ``L_jᴴ`` above; with
-    ``B = P Σ Qᴴ``, ``Aᴴ 𝒰 p_i = σ_i 𝒱 q_i + V_{d+1} L_d p_i`` (``p_i``'s last block): the residual
-    of the i-th triplet is ``‖L_d p_i‖``."""
+    Blocks: ``B`` (``d b`` square) has the blocks ``R_j`` on its diagonal and ``L_jᴴ`` above;
+    with ``B = P Σ Qᴴ``, ``Aᴴ 𝒰 p_i = σ_i 𝒱 q_i + V_{d+1} L_d p_i`` (``p_i``'s last block): the
+    residual of the i-th triplet is ``‖L_d p_i‖``.  One vector: with ``T = Y Θ Yᵀ``,
+    ``AᴴA 𝒱 y_i = θ_i 𝒱 y_i + β_d v_{d+1} y_i[d]``, and ``‖Aᴴ ũ - σ̃ ṽ‖ = ‖AᴴA ṽ - σ̃² ṽ‖ / σ̃``."""
     b = C.size(-1)
     C = C.to(torch.complex128 if C.is_complex() else torch.float64)
-    # a few ops, not a loop over blocks (a check of a one-vector solve 40 steps long would
-    # dispatch ~400 more); the blocks above the diagonal are the next block row's, shifted
     if b == 1:
-        B = torch.diag(C[0, :d, 0, 0]) + torch.diag(C[1, : d - 1, 0, 0].conj(), 1)
-    else:
-        B = torch.block_diag(*C[0, :d].unbind(0))
-        if d > 1:
-            B = B + F.pad(torch.block_diag(*C[1, : d - 1].mH.unbind(0)), (b, 0, 0, b))
+        return _tridiagonal_ritz(C[0, :d, 0, 0], C[1, :d, 0, 0])
+    # a few ops, not a loop over blocks; the blocks above the diagonal are the next block
+    # row's, shifted
+    B = torch.block_diag(*C[0, :d].unbind(0))
+    if d > 1:
+        B = B + F.pad(torch.block_diag(*C[1, : d - 1].mH.unbind(0)), (b, 0, 0, b))
     try:
         P, S, Qh = torch.linalg.svd(B)
     except torch.linalg.LinAlgError:  # non-finite factors
@@ -325,12 +351,27 @@ def ritz(C: Tensor, d: int) -> Ritz | None:
     values = S.tolist()  # lists: the host's arithmetic on them dispatches no ops
     if not all(math.isfinite(x) for x in values):
         return None
-    if b == 1:  # |β_d| |p_i|, on lists: two ops fewer than the product and norm below
-        beta = abs(C[1, d - 1, 0, 0].item())
-        residuals = [beta * abs(p) for p in P[-1].tolist()]
-    else:
-        residuals = torch.linalg.vector_norm(C[1, d - 1] @ P[(d - 1) * b :], dim=0).tolist()
+    residuals = torch.linalg.vector_norm(C[1, d - 1] @ P[(d - 1) * b :], dim=0).tolist()
     return Ritz(values, residuals, Qh.mH)
+
+
+def _tridiagonal_ritz(norms: Tensor, beta: Tensor) -> Ritz | None:
+    """:func:`ritz` of one vector's ``d`` steps: the factors ``‖A v_j‖`` and ``T``'s
+    off-diagonal ``β_j`` (float64, on the host), the last ``β`` the residuals' own."""
+    T = torch.diag(beta[:-1], 1)
+    T = T + T.mT
+    T.diagonal().copy_(norms * norms)
+    try:
+        theta, Y = torch.linalg.eigh(T)  # ascending
+    except torch.linalg.LinAlgError:  # non-finite factors
+        return None
+    # Descending; T is positive semidefinite, and a value rounded below 0 is a sigma of 0.
+    values = [math.sqrt(max(t, 0.0)) for t in reversed(theta.tolist())]
+    last, tail = beta[-1].item(), reversed(Y[-1].tolist())
+    if not all(math.isfinite(x) for x in values) or not math.isfinite(last):
+        return None
+    residuals = [abs(last * y) / s if s > 0 else (0.0 if last * y == 0 else math.inf) for y, s in zip(tail, values)]
+    return Ritz(values, residuals, Y.flip(1))
 
 
 def bound(found: Ritz | None, one_vector: bool = False) -> float:
@@ -781,13 +822,13 @@ class _TopPair(NamedTuple):
 
 def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
                  first_check: int = FIRST_CHECK) -> _TopPair | None:
-    """Golub–Kahan–Lanczos (a :class:`Bidiagonalisation` of one vector) of ``A`` (a matrix, or
-    a :class:`Map`: a linear map given by its products) from ``start`` (right side), until the
-    error bound of the top Ritz value is within ``tol``.
+    """Golub–Kahan–Lanczos, as Lanczos on ``AᴴA`` (a :class:`Bidiagonalisation` of one vector),
+    of ``A`` (a matrix, or a :class:`Map`: a linear map given by its products) from ``start``
+    (right side), until the error bound of the top Ritz value is within ``tol``.
 
     The bound is read at ``first_check`` steps and then where :func:`_steps_to` says, at most
-    ``max(2, k // 8)`` steps later after ``k`` steps (overshoot is bounded by it; one host synchronisation
-    per check, none per step: on a CPU the check's small SVD costs as much as a step's products
+    ``max(2, k // CHECK_SPREAD)`` steps later after ``k`` steps (overshoot is bounded by it; one host synchronisation
+    per check, none per step: on a CPU the check's small eigensolve costs as much as a step's products
     on a 512x512 weight).  Checking later than the first step that would
     have met it can only add steps.  ``None`` when ``A`` maps ``start`` to zero (or to
     non-finite values).
@@ -804,11 +845,12 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
     while True:
         K.extend(check)
         (C,) = K.coefficients(check)  # the one synchronisation of this check
-        alphas = C[0, :, 0, 0].tolist()
-        usable = next((i for i, a in enumerate(alphas) if not (a > 0 and math.isfinite(a))), check)
-        if usable == 0:
+        norms = C[0, :, 0, 0].tolist()
+        # a step after a zero beta (the Krylov space spent: its best is the answer) gives NaN
+        usable = next((i for i, a in enumerate(norms) if not math.isfinite(a)), check)
+        if usable == 0 or not norms[0] > 0:
             return None  # a zero product on the first step
-        exhausted = usable < check  # the Krylov space is spent: its best is the answer
+        exhausted = usable < check
         k = usable
         found = ritz(C, k)
         if found is None:
@@ -836,7 +878,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         if (k > 1 and error <= tol * SAFETY) or exhausted or check == k_max:
             top = _back(found.coordinates[:, 0], K.V)  # computed on the host
             return _TopPair(top @ K.V[:k], s1, error, k)
-        check = min(k + _steps_to(tol * SAFETY, error, before[1], k - before[0], max(2, k // 8)), k_max)
+        check = min(k + _steps_to(tol * SAFETY, error, before[1], k - before[0], max(2, k // CHECK_SPREAD)), k_max)
         before = (k, error)
 
 

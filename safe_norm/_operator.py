@@ -325,11 +325,10 @@ def _multiple(lengths: Sequence[int], stride: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def _lanczos(A: _power.Map, upper: float, tol: float, max_steps: int) -> tuple[float, int]:
     """Golub-Kahan-Lanczos on the operator (the Krylov engine's, one vector, float64 here) from
-    a fixed draw.  The Ritz values are those of ``U_kᴴ A`` (the k x (k+1) bidiagonal with the
-    last beta), exact once the left vectors span the output space.  Stops where the top one is
-    within ``tol`` of ``upper`` (the certificate is then as tight as asked), where it grew by
-    less than ``tol * STALL`` over the last :data:`STALL_STEPS` steps, where the Krylov space is
-    spent, or at ``max_steps``.  Returns ``‖A x‖ / ‖x‖`` for its top Ritz vector ``x``, computed
+    a fixed draw.  Stops where the top Ritz value is within ``tol`` of ``upper`` (the
+    certificate is then as tight as asked), where it grew by less than ``tol * STALL`` over the
+    last :data:`STALL_STEPS` steps, where the Krylov space is spent (its Ritz values are then
+    exact), or at ``max_steps``.  Returns ``‖A x‖ / ‖x‖`` for its top Ritz vector ``x``, computed
     anew (a value the operator attains), and the steps."""
     K = _krylov.Bidiagonalisation(A, _krylov.fixed_draw((1, A.size(1)), like=A.weight), max_steps)
     history: list[float] = []
@@ -337,13 +336,13 @@ def _lanczos(A: _power.Map, upper: float, tol: float, max_steps: int) -> tuple[f
     for j in range(max_steps):
         K.extend(j + 1)
         (C,) = K.coefficients(j + 1)  # a read per step: this is a measurement, not a forward
-        alphas, betas = C[0, :, 0, 0], C[1, :, 0, 0]
-        if not alphas[j].item() > 1e-14 * (history[-1] if history else 1.0):
-            break  # the output space is spent: the last Ritz values are exact
-        _, S, Qh = torch.linalg.svd(F.pad(torch.diag(alphas), (0, 1)) + F.pad(torch.diag(betas), (1, 0)))
-        history.append(S[0].item())
-        spent = not betas[j].item() > 1e-14 * history[-1]
-        top = Qh[0, : j + 1] if spent else Qh[0]  # spent: no next vector to count
+        found = _krylov.ritz(C, j + 1)
+        if found is None or not found.values[0] > 0:
+            break  # A v_j is zero or NaN: the space was spent at the step before
+        history.append(found.values[0])
+        top = found.coordinates[:, 0]
+        # T's off-diagonal is of sigma squared's magnitude
+        spent = not C[1, j, 0, 0].item() > 1e-14 * history[-1] ** 2
         if spent or history[-1] >= upper / (1 + tol) or (
                 len(history) > STALL_STEPS and history[-1] <= history[-1 - STALL_STEPS] * (1 + tol * STALL)):
             break

@@ -52,18 +52,38 @@ def _block_bidiagonal(C, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-@pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
-def test_bases_are_orthonormal_and_bidiagonalise_A(shape, b, dtype):
-    """``A 𝒱 = 𝒰 B`` and ``Aᴴ 𝒰 = 𝒱 Bᴴ + V_{k+1} L_k E_kᵀ`` with orthonormal bases, for one
-    vector and for blocks, real and complex."""
-    steps = 5
+def test_one_vector_tridiagonalises_AhA(shape, dtype):
+    """One vector: ``AᴴA 𝒱 = 𝒱 T + β_k v_{k+1} e_kᵀ`` with an orthonormal basis, ``T``'s diagonal the
+    squared norms ``‖A v_j‖²``, real and complex; no left basis is kept.  Steps past a group of
+    rows orthogonalised against at once (ROWS_GROUP)."""
+    steps = _krylov.ROWS_GROUP + 4
+    A, K, C = _run(shape, 1, steps, dtype)
+    V = K.V[:steps].mT  # columns
+    assert torch.allclose(V.mH @ V, torch.eye(steps, dtype=dtype), atol=1e-12)
+    assert torch.allclose(K.V[steps].norm(), torch.ones((), dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(K.V[steps: steps + 1].conj() @ V, torch.zeros(1, steps, dtype=dtype), atol=1e-12)
+    norms, beta = C[0, :steps, 0, 0], C[1, :steps, 0, 0]
+    T = torch.diag(norms**2) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
+    assert torch.allclose((A @ V).norm(dim=0), norms, atol=1e-12)
+    expected = V @ T.to(dtype)
+    expected[:, -1] += beta[-1] * K.V[steps]
+    assert torch.allclose(A.mH @ (A @ V), expected, atol=1e-10)
+    assert K.U.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
+def test_bases_are_orthonormal_and_bidiagonalise_A(shape, dtype):
+    """Blocks: ``A 𝒱 = 𝒰 B`` and ``Aᴴ 𝒰 = 𝒱 Bᴴ + V_{k+1} L_k E_kᵀ`` with orthonormal bases, real
+    and complex."""
+    b, steps = 3, 5
     A, K, C = _run(shape, b, steps, dtype)
     d = steps * b
     V, U = K.V[:d].mT, K.U[:d].mT  # columns
     eye = torch.eye(d, dtype=dtype)
     assert torch.allclose(V.mH @ V, eye, atol=1e-12) and torch.allclose(U.mH @ U, eye, atol=1e-12)
-    B = _block_bidiagonal(C, steps).to(dtype)  # one vector's factors are norms: real
+    B = _block_bidiagonal(C, steps).to(dtype)
     assert torch.allclose(A @ V, U @ B, atol=1e-10)
     tail = K.V[d:d + b].mT @ C[1, steps - 1].to(dtype)  # V_{k+1} L_k, on the last block's columns
     expected = V @ B.mH
