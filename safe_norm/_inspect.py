@@ -110,7 +110,7 @@ def next_sigma(layer: Layer) -> Tensor:
         return torch.tensor(math.nan, dtype=u.dtype)
     if layer.api == "hook" and layer.library != "safe_norm":
         with torch.no_grad():  # upstream's hook omits the conjugate (MIGRATION H2)
-            return torch.dot(u, _power.mv(_matrix(layer), v))
+            return torch.dot(u, _matrix(layer).mv(v))
     view = _core.View(layer.weight(), u, v, layer.fn.dim, layer.fn.eps, 1, u_first=layer.api != "hook",
                       coeff=getattr(layer.fn, "coeff", None), op=getattr(layer.fn, "op", None))
     return _core.next_sigma(getattr(layer.fn, "_state", None), view).real
@@ -125,7 +125,7 @@ def warms(layer: Layer) -> bool:
 def cosine(a: Tensor, M: Tensor | _power.Map, b: Tensor) -> float | None:
     """``|cos|`` between ``a`` and ``M b``; ``None`` when ``M b`` has no direction (zero or
     not finite).  A power step leaves ``u`` along ``W v`` and ``v`` along ``Wᴴ u``."""
-    image = _power.mv(M.to(a.dtype), b)
+    image = M.to(a.dtype).mv(b)
     norm = torch.linalg.vector_norm(image)
     if not bool(torch.isfinite(norm)) or norm == 0:
         return None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _compat
-from ._power import Map, mv, oriented, sigma
+from ._power import Map, oriented, sigma
 
 __all__ = [
     "warm_up_",
@@ -696,7 +696,7 @@ def warm_up_(
     # normalize would leave u that much short of unit length.  Neither is zero: v is a top
     # singular vector estimate of a nonzero W.
     v.copy_(_unit(new_v))
-    u.copy_(_unit(mv(Ws, v.to(work))))
+    u.copy_(_unit(Ws.mv(v.to(work))))
     return result
 
 
@@ -807,7 +807,7 @@ def _lanczos_top(
         return None
     new_v = found.right
     if transposed:  # that was W's left one: map it to the right
-        new_v = mv(A, new_v)
+        new_v = A.mv(new_v)
     return new_v, found.ritz, WarmUp(found.steps, found.error)
 
 

@@ -87,8 +87,8 @@ def power_iteration_(
     x, y = (v, u) if u_first else (u, v)
     A, AH = (W.mH, W) if u_first else (W, W.mH)
     for _ in range(n_power_iterations):
-        _normalize_into_(mv(AH, x), y, eps)
-        Ay = mv(A, y)
+        _normalize_into_(AH.mv(x), y, eps)
+        Ay = A.mv(y)
         _normalize_into_(Ay, x, eps)
     if not estimate:
         return None
@@ -96,7 +96,7 @@ def power_iteration_(
         value = torch.vdot(x.float(), Ay.float()).to(x.dtype)
     else:
         value = torch.vdot(x, Ay)
-    return value.conj() if u_first and value.is_complex() else value  # vᴴWᴴu = conj(uᴴWv)
+    return value.conj() if u_first and value.dtype.is_complex else value  # vᴴWᴴu = conj(uᴴWv)
 
 
 # float16 / bfloat16 vectors: norms and sigma are accumulated in float32.
@@ -130,7 +130,7 @@ def sigma(W: Tensor | Map, u: Tensor, v: Tensor) -> Tensor:
     """The spectral-norm estimate ``uᴴ W v`` (differentiable in ``W``)."""
     # dot for real vectors: vdot dispatches to it there, one call deeper (the dtype's flag:
     # torch 2.1's dynamo breaks the graph on Tensor.is_complex())
-    return (torch.vdot if u.dtype.is_complex else torch.dot)(u, mv(W, v))
+    return (torch.vdot if u.dtype.is_complex else torch.dot)(u, W.mv(v))
 
 
 def normalise(
@@ -340,8 +340,3 @@ class Map(NamedTuple):
         else:  # the rows of A are the adjoint's images of the output basis
             M = self.op.adjoint(self.weight, torch.eye(rows, dtype=self.dtype, device=self.device))
         return M.mH if self.adjoint_first else M
-
-
-def mv(A: Tensor | Map, x: Tensor) -> Tensor:
-    """``A x`` for a matrix or a :class:`Map` (each has the method)."""
-    return A.mv(x)
