@@ -636,12 +636,16 @@ def warm_up_(
     scale = max_abs((W.weight if isinstance(W, Map) else W).detach()).item()
     if not (scale > 0 and math.isfinite(scale)):
         return WarmUp(0, math.inf)  # an all-zero or non-finite weight: nothing to converge to
-    # Singular vectors do not depend on the scale.  Weights of extreme magnitude (1e-30, 1e30)
-    # are worked on as W / max|W|, so that the squares inside the norms neither under- nor
-    # overflow; inside SAFE_SCALE they cannot (products of unit vectors with a matrix of at
-    # most 2^26 columns stay within 2^±90 of 1, squares and sums within float32's 2^±126),
-    # and the weight is used as it is: a scaled copy is a pass over W and an allocation of its
-    # size (at 4096x4096, 40 ms: more than ten of its products).
+    # Singular vectors do not depend on the scale.  Weights of large or small magnitude are
+    # worked on as W / max|W|, so that the squares inside the norms neither under- nor
+    # overflow: Lanczos on WᴴW holds vectors of the size sigma², and their norms square them.
+    # Inside SAFE_SCALE they cannot: sigma lies between max|W| and max|W| sqrt(mn), i.e.
+    # within 2^-8 ... 2^31 for fewer than 2^46 entries, so sigma⁴ stays below float32's 2^127
+    # and the entries' squares, down to sigma⁴ / 2^26, above its 2^-126 (at 2^32 the norms
+    # overflowed from sigma ~4e9, and the warm-up gave up silently: a 1024x1024 layer with
+    # max|W| = 1e9 was left 29 % off).  There the weight is used as it is: a scaled copy is a
+    # pass over W and an allocation of its size (at 4096x4096, 40 ms: more than ten of its
+    # products).
     Ws = W.detach().to(work)
     if not SAFE_SCALE[0] <= scale <= SAFE_SCALE[1]:
         Ws = Ws / scale
@@ -724,7 +728,7 @@ def _unit(x: Tensor) -> Tensor:
 
 
 #: The range of max|W| in which a warm-up works on the weight unscaled (see :func:`warm_up_`).
-SAFE_SCALE = (2.0**-32, 2.0**32)
+SAFE_SCALE = (2.0**-8, 2.0**8)
 
 
 def max_abs(W: Tensor) -> Tensor:
@@ -811,6 +815,11 @@ def _lanczos_top(
     return new_v, found.ritz, WarmUp(found.steps, found.error)
 
 
+#: A one-vector solve takes its Krylov space as spent where beta_j is at most this many units
+#: of rounding of the largest ‖A v_i‖² (``T``'s diagonal) seen so far.
+SPENT = 8
+
+
 class _TopPair(NamedTuple):
     """What a one-vector solve found (not :class:`Ritz`, the pairs of a basis)."""
 
@@ -841,16 +850,30 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
     if k_max < 1:
         return None
     K = Bidiagonalisation(A, start.reshape(1, -1), k_max)
+    eps = torch.finfo(K.V.real.dtype).eps
     check, before = min(max(first_check, 2), k_max), (0, math.inf)  # (steps, bound) at the last check
     while True:
         K.extend(check)
         (C,) = K.coefficients(check)  # the one synchronisation of this check
-        norms = C[0, :, 0, 0].tolist()
+        norms, betas = C[0, :, 0, 0].tolist(), C[1, :, 0, 0].tolist()
         # a step after a zero beta (the Krylov space spent: its best is the answer) gives NaN
         usable = next((i for i, a in enumerate(norms) if not math.isfinite(a)), check)
         if usable == 0 or not norms[0] > 0:
             return None  # a zero product on the first step
-        exhausted = usable < check
+        # A beta at rounding level is a zero one: what is left of AᴴA v_j after the projections
+        # is then rounding only, which two Gram-Schmidt passes cannot make orthogonal, and the
+        # next vectors lose orthogonality step by step (seen on diag(2, 1, ..., 1), 300x300:
+        # Ritz values above sigma_1, 128 steps, 50 % off).  Cut there: the residuals (and the
+        # error) come from that beta as from any other.
+        spent, largest = None, 0.0
+        for i in range(usable):
+            largest = max(largest, norms[i] * norms[i])
+            if not betas[i] > SPENT * eps * largest:
+                spent = i
+                break
+        exhausted = usable < check or spent is not None
+        if spent is not None:
+            usable = spent + 1
         k = usable
         found = ritz(C, k)
         if found is None:

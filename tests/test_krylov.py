@@ -332,6 +332,39 @@ def test_warm_up_of_rank_deficient_weight():
     assert _sigma_error(W, u, v) < 1e-8
 
 
+@pytest.mark.parametrize("scale", [2.0**-31.9, 1e-9, 1.0, 1e9, 2.0**31.9])
+def test_warm_up_of_a_weight_of_any_magnitude(scale):
+    """Lanczos on WᴴW squares sigma² in its norms: float32 weights of max|W| 1e9 (sigma ~4e10,
+    inside the old unscaled range) overflowed there and the warm-up gave up silently."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(512, 384, generator=g)
+    W = W / W.abs().max() * scale
+    u, v = _random_uv(W)
+    found = _krylov.warm_up_(W, u, v, tol=1e-4)
+    assert found.steps > 0 and found.error_estimate <= 1e-4
+    assert _sigma_error(W, u, v) < 1e-5
+
+
+def _permuted_diagonal(values, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.ones(n)
+    d[: len(values)] = torch.tensor(values)
+    return d[torch.randperm(n, generator=g)].diag()[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("W", [
+    torch.eye(200), torch.diag(torch.tensor([2.0] + [1.0] * 299)), _permuted_diagonal([3, 2, 0.5, 0.25], 150, 0),
+    _permuted_diagonal([2, 1 + 2**-10], 250, 1)], ids=["eye", "diag(2,1..1)", "permuted", "near pair"])
+def test_warm_up_where_the_krylov_space_is_exactly_invariant(W):
+    """Products that are exact (diagonal, permutations) leave a beta of pure rounding where the
+    Krylov space is spent; taken as a step, the vectors after it lost orthogonality (Ritz values
+    above sigma_1, 128 steps, 50 % off on diag(2, 1, ..., 1)).  It is the end of the space."""
+    u, v = _random_uv(W)
+    found = _krylov.warm_up_(W, u, v, tol=1e-4)
+    assert found.steps <= 16 and found.error_estimate <= 1e-4
+    assert _sigma_error(W, u, v) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_power_step_and_warm_up(dtype):
     W = torch.randn(7, 9, dtype=dtype)
