@@ -56,6 +56,7 @@ SAFETY = 0.1
 #: 1024x5120 weights, planted gaps of 1-50 %, a decaying spectrum; 6 seeds), steps times a
 #: step's cost plus checks times a check's came to 1.27x (at most 1.48x) a single check at the
 #: stopping step, with 4.2 checks on average; with 8 and ``k // 8``, 1.40x (1.67x) and 10.2.
+#: ``benchmarks/check_schedule.py`` replays it with the costs measured on the machine it runs.
 FIRST_CHECK = 12
 CHECK_SPREAD = 3
 FIRST_WARM_CHECK = 2
@@ -878,31 +879,37 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         found = ritz(C, k)
         if found is None:
             return None
-        s1, residual = found.values[0], found.residuals[0] / found.values[0]
-        # The one-vector bound (see _cluster_bound): the second Ritz value stands in for
-        # sigma_2 unraised.  From vectors converged for a nearby weight (an EMA step) the top
-        # pair converges in 2-4 steps while the second is still rough, and the raised bound,
-        # claiming no gap, sent every such re-convergence on to a cold solve (the EMA
-        # benchmark's update + forward: 1.25x -> 1.62-1.69x upstream's).  SAFETY was measured
-        # for this form.  One Ritz value (the first step, or a space of one dimension):
-        # sigma_2 taken as 0.  A Ritz pair is also within its residual of a singular value:
-        # where that is the smaller, it counts.
-        error = min(residual, bound(found, one_vector=True) if k > 1 else 0.5 * residual**2)
-        # The bound counts only once the residual itself is within tolerance: where sigma_1
-        # and sigma_2 lie closer than one vector's Krylov space resolves, the Ritz value mixes
-        # both, the second Ritz value stands for sigma_3, and the bound understates the error
-        # (seen 2.7e-4 for a relative gap of 3.5e-4); the residual bounds it there.  It is what
-        # decides the stop on default-initialised layers: over 256^2 ... 512x2304, 30 seeds, the
-        # errors there were 4e-9 ... 6e-8 for a tolerance of 1e-4 (the same stop as with the
-        # plain gap bound in 28, 1-2 steps later in 2).
-        if residual > tol:
-            error = max(error, residual)
+        s1, error = found.values[0], _one_vector_error(found, k, tol)
         # Not at the first step: its bound has no second Ritz value and takes sigma_2 as 0.
         if (k > 1 and error <= tol * SAFETY) or exhausted or check == k_max:
             top = _back(found.coordinates[:, 0], K.V)  # computed on the host
             return _TopPair(top @ K.V[:k], s1, error, k)
         check = min(k + _steps_to(tol * SAFETY, error, before[1], k - before[0], max(2, k // CHECK_SPREAD)), k_max)
         before = (k, error)
+
+
+def _one_vector_error(found: Ritz, k: int, tol: float) -> float:
+    """The error estimate a one-vector solve stops on, from its Ritz pairs after ``k`` steps."""
+    residual = found.residuals[0] / found.values[0]
+    # The one-vector bound (see _cluster_bound): the second Ritz value stands in for
+    # sigma_2 unraised.  From vectors converged for a nearby weight (an EMA step) the top
+    # pair converges in 2-4 steps while the second is still rough, and the raised bound,
+    # claiming no gap, sent every such re-convergence on to a cold solve (the EMA
+    # benchmark's update + forward: 1.25x -> 1.62-1.69x upstream's).  SAFETY was measured
+    # for this form.  One Ritz value (the first step, or a space of one dimension):
+    # sigma_2 taken as 0.  A Ritz pair is also within its residual of a singular value:
+    # where that is the smaller, it counts.
+    error = min(residual, bound(found, one_vector=True) if k > 1 else 0.5 * residual**2)
+    # The bound counts only once the residual itself is within tolerance: where sigma_1
+    # and sigma_2 lie closer than one vector's Krylov space resolves, the Ritz value mixes
+    # both, the second Ritz value stands for sigma_3, and the bound understates the error
+    # (seen 2.7e-4 for a relative gap of 3.5e-4); the residual bounds it there.  It is what
+    # decides the stop on default-initialised layers: over 256^2 ... 512x2304, 30 seeds, the
+    # errors there were 4e-9 ... 6e-8 for a tolerance of 1e-4 (the same stop as with the
+    # plain gap bound in 28, 1-2 steps later in 2).
+    if residual > tol:
+        error = max(error, residual)
+    return error
 
 
 def _orthogonalise_(x: Tensor, basis: Tensor, basis_t: Tensor) -> None:
