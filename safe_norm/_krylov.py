@@ -821,6 +821,18 @@ def _lanczos_top(
 SPENT = 8
 
 
+def _spent(C: Tensor, steps: int) -> int | None:
+    """The first of a one-vector solve's first ``steps`` steps whose beta is at rounding level
+    (:data:`SPENT`; ``C``: its factors on the host, in the solve's real dtype): the Krylov space
+    ends there.  ``None`` where none is."""
+    eps, largest = torch.finfo(C.dtype).eps, 0.0
+    for i, (norm, beta) in enumerate(zip(C[0, :steps, 0, 0].tolist(), C[1, :steps, 0, 0].tolist())):
+        largest = max(largest, norm * norm)
+        if not beta > SPENT * eps * largest:
+            return i
+    return None
+
+
 class _TopPair(NamedTuple):
     """What a one-vector solve found (not :class:`Ritz`, the pairs of a basis)."""
 
@@ -851,12 +863,11 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
     if k_max < 1:
         return None
     K = Bidiagonalisation(A, start.reshape(1, -1), k_max)
-    eps = torch.finfo(K.V.real.dtype).eps
     check, before = min(max(first_check, 2), k_max), (0, math.inf)  # (steps, bound) at the last check
     while True:
         K.extend(check)
         (C,) = K.coefficients(check)  # the one synchronisation of this check
-        norms, betas = C[0, :, 0, 0].tolist(), C[1, :, 0, 0].tolist()
+        norms = C[0, :, 0, 0].tolist()
         # a step after a zero beta (the Krylov space spent: its best is the answer) gives NaN
         usable = next((i for i, a in enumerate(norms) if not math.isfinite(a)), check)
         if usable == 0 or not norms[0] > 0:
@@ -866,12 +877,7 @@ def _golub_kahan(A: Tensor | Map, start: Tensor, tol: float, max_steps: int,
         # next vectors lose orthogonality step by step (seen on diag(2, 1, ..., 1), 300x300:
         # Ritz values above sigma_1, 128 steps, 50 % off).  Cut there: the residuals (and the
         # error) come from that beta as from any other.
-        spent, largest = None, 0.0
-        for i in range(usable):
-            largest = max(largest, norms[i] * norms[i])
-            if not betas[i] > SPENT * eps * largest:
-                spent = i
-                break
+        spent = _spent(C, usable)
         exhausted = usable < check or spent is not None
         if spent is not None:
             usable = spent + 1

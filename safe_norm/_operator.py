@@ -341,8 +341,7 @@ def _lanczos(A: _power.Map, upper: float, tol: float, max_steps: int) -> tuple[f
             break  # A v_j is zero or NaN: the space was spent at the step before
         history.append(found.values[0])
         top = found.coordinates[:, 0]
-        # T's off-diagonal is of sigma squared's magnitude
-        spent = not C[1, j, 0, 0].item() > 1e-14 * history[-1] ** 2
+        spent = _krylov._spent(C, j + 1) is not None
         if spent or history[-1] >= upper / (1 + tol) or (
                 len(history) > STALL_STEPS and history[-1] <= history[-1 - STALL_STEPS] * (1 + tol * STALL)):
             break
