@@ -261,7 +261,8 @@ class Bidiagonalisation:
         """Views of the rows and coefficients of at least the first ``steps`` steps (one
         vector), a few ops for all the new ones: twice as many as made before, at most the
         capacity (a solve extends its basis at every check); and of the basis step ``j``
-        orthogonalises against, the first :data:`ROWS_GROUP` ``⌈(j + 1) / ROWS_GROUP⌉`` rows."""
+        orthogonalises against: its rows up to the next multiple of :data:`ROWS_GROUP` past
+        ``j``."""
         if len(self._alpha) >= steps:
             return
         steps = min(self.capacity, max(steps, 2 * len(self._alpha)))
